@@ -1,0 +1,182 @@
+"""Attention Tile: the k:(T-k) sparse 3D attention of Efficient-vDiT (arXiv 2502.06155), as FlexAttention.
+
+Video tokens are frame-major: T frames of S tokens, N = T*S. The mask "k:(T-k)" keeps k evenly spaced
+reference frames R = {round(i*T/k)}; a query in frame fq sees a key in frame fk iff fq == fk, fk in R or fq in R.
+k = T is full attention.
+
+    tile_dense_mask   the reference definition, a bool [N, N] (tests and plots only)
+    tile_block_mask   the same mask as a FlexAttention BlockMask, built from the frame structure (no N x N tensor)
+    tile_attention    one self-attention call: dense SDPA when the mask is full, else the chosen sparse backend
+
+Sparse backends (both exact, tested against SDPA with the dense mask):
+    "flex"  compiled flex_attention with the cached BlockMask
+    "tile"  the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
+            frame over its own keys plus the reference keys, batched over frames. The default ("auto"): on an
+            H100 it beats flex for every mask of the paper's Table 1 (BENCHMARKS.md), it needs no compile on
+            CPU, and it has a backward on every device.
+
+Not here: the mask search (distill.py) and sequence parallelism (parallel.py).
+"""
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
+FULL = "full"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mask: reference frames, plan entries, dense reference
+
+def reference_frames(num_frames: int, num_global: int) -> list[int]:
+    """R = {round(i*T/k) : i < k}, evenly spaced (Python round, as in SPEC section 1)."""
+    if not 1 <= num_global <= num_frames:
+        raise ValueError(f"num_global must be in 1..{num_frames} for {num_frames} frames, got {num_global}")
+    return sorted({round(i * num_frames / num_global) for i in range(num_global)})
+
+
+def resolve_k(entry, num_frames: int) -> int:
+    """A mask-plan entry ("full", an int k, or "k:(T-k)" text) -> number of reference frames, clipped to T."""
+    if entry is None or entry == FULL:
+        return num_frames
+    if isinstance(entry, str):
+        if ":" not in entry or not entry.split(":")[0].strip().isdigit():
+            raise ValueError(f"mask entry {entry!r}: expected 'full', an int k, or 'k:(T-k)' like '1:7'")
+        entry = int(entry.split(":")[0])
+    if isinstance(entry, bool) or not isinstance(entry, int) or entry < 1:
+        raise ValueError(f"mask entry {entry!r}: k must be a positive int (or 'full')")
+    return min(entry, num_frames)
+
+
+def frame_mask(num_frames: int, num_global: int, device=None) -> torch.Tensor:
+    """bool [T, T]: which frame tiles are kept."""
+    ref = torch.zeros(num_frames, dtype=torch.bool, device=device)
+    ref[reference_frames(num_frames, num_global)] = True
+    same = torch.eye(num_frames, dtype=torch.bool, device=device)
+    return same | ref[None, :] | ref[:, None]
+
+
+def tile_dense_mask(num_frames: int, tokens_per_frame: int, num_global: int, device=None) -> torch.Tensor:
+    """The reference definition: bool [N, N], True where a query (row) may attend to a key (column)."""
+    tiles = frame_mask(num_frames, num_global, device)
+    return tiles.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_global: int, device=None):
+    """The mask as a FlexAttention mask_mod closure, attention-gym style."""
+    ref = torch.zeros(num_frames, dtype=torch.bool, device=device)
+    ref[reference_frames(num_frames, num_global)] = True
+    S = tokens_per_frame
+
+    def attention_tile(b, h, q_idx, kv_idx):
+        fq, fk = q_idx // S, kv_idx // S
+        return (fq == fk) | ref[fk] | ref[fq]
+
+    return attention_tile
+
+
+def density(num_frames: int, num_global: int) -> float:
+    """Fraction of kept frame tiles: (2kT - k^2 + T - k) / T^2."""
+    return frame_mask(num_frames, num_global).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BlockMask from the frame structure
+
+@lru_cache(maxsize=64)
+def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: int) -> BlockMask:
+    N = T * S
+    nb = -(-N // block_size)
+    tiles = frame_mask(T, k, device).float()  # [T, T]
+    # incidence of each block with each frame: block b covers tokens [b*bs, min((b+1)*bs, N))
+    start = torch.arange(nb, device=device) * block_size
+    first, last = start // S, (torch.clamp(start + block_size, max=N) - 1) // S
+    frames = torch.arange(T, device=device)
+    touches = ((frames[None] >= first[:, None]) & (frames[None] <= last[:, None])).float()  # [nb, T]
+    any_kept = (touches @ tiles @ touches.T) > 0          # some (q, kv) pair in the block is kept
+    any_dropped = (touches @ (1 - tiles) @ touches.T) > 0  # some pair is masked out
+    ragged = torch.zeros(nb, dtype=torch.bool, device=device)
+    ragged[-1] = N % block_size != 0  # the last block holds padding: let mask_mod see it
+    full = any_kept & ~any_dropped & ~ragged[:, None] & ~ragged[None, :]
+    partial = any_kept & ~full
+
+    def to_indices(blocks):  # [nb, nb] bool -> (num [1,1,nb], indices [1,1,nb,nb]), kept blocks first
+        num = blocks.sum(-1, dtype=torch.int32)
+        idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num[None, None], idx[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *to_indices(partial), *to_indices(full), BLOCK_SIZE=block_size,
+        mask_mod=tile_mask_mod(T, S, k, device), seq_lengths=(N, N))
+
+
+def tile_block_mask(num_frames: int, tokens_per_frame: int, num_global: int, device="cpu",
+                    block_size: int = BLOCK_SIZE) -> BlockMask:
+    """The k:(T-k) mask as a BlockMask, cached per (shape, k, device). Never materialises N x N."""
+    return _tile_block_mask(num_frames, tokens_per_frame, num_global, str(torch.device(device)), block_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask):
+    """flex_attention compiled once (dynamic=False); inside an outer torch.compile the raw op is traced."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+_DENSE_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def dense_attention(q, k, v, attn_mask=None):
+    """SDPA, preferring cuDNN then Flash on GPU (cuDNN is ~1.4x flex dense on H100 at head dim 96)."""
+    if q.is_cuda and attn_mask is None:
+        with sdpa_kernel(_DENSE_PRIORITY, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def tile_sdpa(q, k, v, num_frames: int, num_global: int):
+    """The tile mask as dense kernels. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
+    B, H, N, D = q.shape
+    T, S = num_frames, N // num_frames
+    ref = reference_frames(T, num_global)
+    rest = [f for f in range(T) if f not in set(ref)]
+    q5, k5, v5 = (x.unflatten(2, (T, S)) for x in (q, k, v))  # [B, H, T, S, D]
+    out = torch.empty_like(q5)
+    # reference-frame queries attend to every key
+    out[:, :, ref] = dense_attention(q5[:, :, ref].flatten(2, 3), k, v).unflatten(2, (len(ref), S))
+    if rest:
+        # every other frame: its own S keys then the k*S reference keys, frames folded into the batch
+        def own_plus_ref(x5):  # -> [B*F, H, S + k*S, D]
+            xr = x5[:, :, ref].flatten(2, 3).unsqueeze(2).expand(B, H, len(rest), len(ref) * S, D)
+            return torch.cat([x5[:, :, rest], xr], dim=3).transpose(1, 2).flatten(0, 1)
+        qr = q5[:, :, rest].transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]
+        o = dense_attention(qr, own_plus_ref(k5), own_plus_ref(v5))
+        out[:, :, rest] = o.unflatten(0, (B, len(rest))).transpose(1, 2)
+    return out.flatten(2, 3)
+
+
+def tile_attention(q, k, v, num_frames: int, num_global: int, backend: str = "auto"):
+    """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention."""
+    N = q.shape[2]
+    if N % num_frames:
+        raise ValueError(f"{N} tokens do not split into {num_frames} frames")
+    if num_global >= num_frames:
+        return dense_attention(q, k, v)
+    if backend == "flex":
+        return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_global, q.device))
+    if backend in ("tile", "auto"):
+        return tile_sdpa(q, k, v, num_frames, num_global)
+    raise ValueError(f"unknown attention backend {backend!r}: use 'auto', 'flex' or 'tile'")

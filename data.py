@@ -1,0 +1,248 @@
+"""Data: procedural "moving shapes" videos (the demo domain) and safetensors shards (real data).
+
+Run:  python data.py [--n 256] [--device cuda] [--gif shapes.gif]   # render a batch, print captions + timing
+
+Moving shapes: one object per video (SHAPES x COLOURS x DIRECTIONS = 84 prompts), videos [3, T, H, W]
+  in [-1, 1] on a black (-1) background, caption "a {colour} {shape} moving {direction}".
+  All geometry is in fractions of the frame side; pixel centres sit at (i + 0.5) / size; edges are hard.
+  Seeds: MovingShapes(split="train") draws its batch stream from torch.Generator seeded with `seed`,
+  split="val" from `seed + VAL_SEED_OFFSET` (10**9), so the two splits never share a generator seed.
+  The first val batch of size n equals moving_shapes_batch(n, seed + 10**9).
+
+Shard format: a folder of shard-00000.safetensors, shard-00001.safetensors, ... each holding
+  tensors   latents   [n, C, T, H, W]   (any dtype)
+            text_emb  [n, L, D]         (optional, always together with text_mask)
+            text_mask [n, L]            (bool or uint8)
+  metadata  "captions": JSON list of n strings (optional)
+  All shards must hold the same keys with the same per-item shapes and dtypes.
+
+Leaves out: decoding/VAE-encoding real footage into shards, augmentation, DataLoader worker sharding
+  (use batch_size=None, num_workers=0: MovingShapes yields whole batches rendered on the device).
+"""
+import glob
+import json
+import os
+
+import torch
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255),
+}
+DIRECTIONS = ("left", "right", "up", "down")
+VAL_SEED_OFFSET = 10**9
+_STEPS = ((-1, 0), (1, 0), (0, -1), (0, 1))  # unit (dx, dy) per direction; image y grows downwards
+
+
+# ----------------------------------------------------------------------------- moving shapes
+
+def _generator(seed_or_generator):
+    if isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    return torch.Generator().manual_seed(int(seed_or_generator))
+
+
+def colour_table(device=None):
+    """[7, 3] RGB of COLOURS (in dict order) on the [-1, 1] scale."""
+    return torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1
+
+
+def sample_params(n, generator):
+    """Random videos as a dict of CPU tensors; positions/sizes are fractions of the frame side.
+    shape/colour/direction: [n] long indices into SHAPES / COLOURS / DIRECTIONS
+    size: [n] object side (= circle diameter = triangle width = height), U(0.25, 0.40)
+    distance: [n] path length over the clip, U(1/3, 1 - size); speed = distance / (T - 1) per frame
+    start: [n, 2] (x, y) of the object's bbox top-left corner in the first frame."""
+    g = _generator(generator)
+    u = lambda: torch.rand(n, generator=g)
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    colour = torch.randint(len(COLOURS), (n,), generator=g)
+    direction = torch.randint(len(DIRECTIONS), (n,), generator=g)
+    size = 0.25 + 0.15 * u()
+    distance = 1 / 3 + (1 - size - 1 / 3) * u()
+    low = (1 - size - distance) * u()  # smallest corner coordinate reached along the motion axis
+    across = (1 - size) * u()  # fixed corner coordinate on the other axis
+    step = torch.tensor(_STEPS, dtype=torch.float32)[direction]  # [n, 2]
+    along = torch.where(step.sum(1) > 0, low, low + distance)  # left/up start at the far end
+    horizontal = step[:, 0] != 0
+    start = torch.stack([torch.where(horizontal, along, across), torch.where(horizontal, across, along)], 1)
+    return dict(shape=shape, colour=colour, direction=direction, size=size, distance=distance, start=start)
+
+
+def positions(params, num_frames=16):
+    """[n, T, 2] (x, y) bbox top-left corner per frame, fractions of the frame side."""
+    start, distance = params["start"], params["distance"]
+    step = torch.tensor(_STEPS, dtype=start.dtype, device=start.device)[params["direction"]]  # [n, 2]
+    t = torch.linspace(0, 1, num_frames, device=start.device) if num_frames > 1 else start.new_zeros(1)
+    return start[:, None] + step[:, None] * distance[:, None, None] * t[None, :, None]
+
+
+def render(params, num_frames=16, size=32, device=None):
+    """Draw all videos at once: [n, 3, T, H, W] float32 in [-1, 1]."""
+    device = device if device is not None else params["start"].device
+    p = {k: v.to(device) for k, v in params.items()}
+    pos = positions(p, num_frames)  # [n, T, 2]
+    s = p["size"][:, None, None, None]  # [n, 1, 1, 1]
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size  # pixel centres
+    dx = c[None, None, None, :] - pos[..., 0, None, None]  # [n, T, 1, W] from the bbox left edge
+    dy = c[None, None, :, None] - pos[..., 1, None, None]  # [n, T, H, 1] from the bbox top edge
+    in_x, in_y = (dx >= 0) & (dx <= s), (dy >= 0) & (dy <= s)
+    masks = {
+        "circle": (dx - s / 2) ** 2 + (dy - s / 2) ** 2 <= (s / 2) ** 2,
+        "square": in_x & in_y,
+        "triangle": in_y & ((dx - s / 2).abs() <= dy / 2),  # apex at top centre, base = bottom edge
+    }
+    kind = p["shape"][:, None, None, None]
+    mask = torch.zeros(len(kind), num_frames, size, size, dtype=torch.bool, device=device)
+    for i, name in enumerate(SHAPES):
+        mask |= (kind == i) & masks[name]  # [n, T, H, W]
+    rgb = colour_table(device)[p["colour"]]  # [n, 3]
+    return torch.where(mask[:, None], rgb[:, :, None, None, None], torch.tensor(-1.0, device=device))
+
+
+def captions(params):
+    names = list(COLOURS)
+    return [f"a {names[c]} {SHAPES[s]} moving {DIRECTIONS[d]}" for c, s, d in
+            zip(params["colour"].tolist(), params["shape"].tolist(), params["direction"].tolist())]
+
+
+def moving_shapes_batch(n, seed_or_generator, num_frames=16, size=32, device=None):
+    """(videos [n, 3, T, H, W] in [-1, 1], captions); deterministic given the seed."""
+    params = sample_params(n, _generator(seed_or_generator))
+    return render(params, num_frames, size, device), captions(params)
+
+
+class MovingShapes(torch.utils.data.IterableDataset):
+    """Endless stream of (videos, captions) batches; each fresh iterator restarts the same stream."""
+
+    def __init__(self, batch_size, seed=0, split="train", num_frames=16, size=32, device=None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.batch_size, self.num_frames, self.size, self.device = batch_size, num_frames, size, device
+        self.seed = seed + (VAL_SEED_OFFSET if split == "val" else 0)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield moving_shapes_batch(self.batch_size, g, self.num_frames, self.size, self.device)
+
+
+def validation_prompts(n=64, seed=0):
+    """Fixed prompt list. Prompt i uses colour i%7, shape i%3, direction i%4 (labels shuffled by `seed`):
+    7, 3, 4 are coprime, so the first 84 prompts are all combinations and every prefix is balanced."""
+    g = torch.Generator().manual_seed(seed)
+    cols = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)]
+    shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]
+    dirs = [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)]
+    return [f"a {cols[i % 7]} {shps[i % 3]} moving {dirs[i % 4]}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- safetensors shards
+
+def write_shard(path, latents, captions=None, text_emb=None, text_mask=None):
+    """Save one shard (format in the module docstring)."""
+    from safetensors.torch import save_file
+    n = latents.shape[0]
+    if (text_emb is None) != (text_mask is None):
+        raise ValueError("text_emb and text_mask go together")
+    tensors = {"latents": latents} if text_emb is None else \
+        {"latents": latents, "text_emb": text_emb, "text_mask": text_mask}
+    if any(v.shape[0] != n for v in tensors.values()) or (captions is not None and len(captions) != n):
+        raise ValueError(f"all fields of shard {path} need the same leading size {n}")
+    meta = None if captions is None else {"captions": json.dumps(list(captions))}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
+
+
+def _load_shard(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    shard = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "captions" in meta:
+        shard["captions"] = json.loads(meta["captions"])
+    return shard
+
+
+def _signature(shard):
+    """What every shard of a folder must agree on: keys, per-item shapes and dtypes."""
+    return sorted((k, "list") if k == "captions" else (k, tuple(v.shape[1:]), str(v.dtype)) for k, v in shard.items())
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """All *.safetensors shards of a folder (sorted by name), loaded eagerly into memory."""
+
+    def __init__(self, folder):
+        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
+        if not paths:
+            raise ValueError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
+        shards = [_load_shard(p) for p in paths]
+        for p, shard in zip(paths, shards):
+            if _signature(shard) != _signature(shards[0]):
+                raise ValueError(f"shard {p} in {folder!r} disagrees with {paths[0]}: "
+                                 f"{_signature(shard)} vs {_signature(shards[0])}")
+            if len({len(v) for v in shard.values()}) != 1:
+                raise ValueError(f"shard {p} in {folder!r} has fields of different lengths")
+        self.data = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "captions"}
+        self.captions = [c for s in shards for c in s["captions"]] if "captions" in shards[0] else None
+
+    def __len__(self):
+        return len(self.data["latents"])
+
+    def __getitem__(self, i):
+        item = {"video": self.data["latents"][i]}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        for k in ("text_emb", "text_mask"):
+            if k in self.data:
+                item[k] = self.data[k][i]
+        return item
+
+
+def collate(items):
+    """List of ShardDataset items -> dict of stacked tensors (captions stay a list of str)."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
+
+
+# ----------------------------------------------------------------------------- pixels <-> uint8
+
+def to_uint8(video):
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+
+
+def from_uint8(frames):
+    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
+    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def main():
+    import argparse
+    import time
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gif", default=None, help="save the first 8 videos side by side as a GIF")
+    args = ap.parse_args()
+    moving_shapes_batch(8, 0, device=args.device)  # warm-up
+    t0 = time.time()
+    videos, caps = moving_shapes_batch(args.n, args.seed, device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    print(f"rendered {tuple(videos.shape)} on {args.device} in {1000 * (time.time() - t0):.1f} ms")
+    print("\n".join(caps[:8]))
+    if args.gif:
+        from PIL import Image
+        strip = torch.cat([to_uint8(v.cpu()) for v in videos[:8]], dim=2)  # [T, H, 8W, 3]
+        imgs = [Image.frombytes("RGB", (f.shape[1], f.shape[0]), bytes(f.flatten().tolist())).resize(
+            (4 * f.shape[1], 4 * f.shape[0]), Image.NEAREST) for f in strip]
+        imgs[0].save(args.gif, save_all=True, append_images=imgs[1:], duration=120, loop=0)
+        print(f"saved {args.gif}")
+
+
+if __name__ == "__main__":
+    main()

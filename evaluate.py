@@ -1,0 +1,200 @@
+"""Prompt-following score for the moving-shapes domain, judged from pixels only (no model, no learned metric).
+
+Run:  python evaluate.py --dataset [--n 64] [--seed 0]   # scores ground-truth validation videos (ceiling, ~1.0)
+From code: evaluate_model(sample_fn, prompts, batch_size), sample_fn(list[str]) -> [n, 3, T, H, W] in [-1, 1].
+
+Judge, per frame: object = largest 8-connected blob of bright pixels (max channel > 0 on the [-1, 1] scale);
+  colour = nearest of the 7 COLOURS to its mean RGB; shape: triangle if the centroid sits low in the bbox
+  (upward triangle ~0.65 of the height vs 0.5), else square if fill ratio area / bbox area > 0.9 and >= 3
+  bbox corners are lit (rasterised circles: fill 0.6-0.94, no lit corner), else circle;
+  colour and shape are majority votes over non-empty frames. Direction = dominant axis and sign of the
+  centroid shift from the first to the last non-empty frame (y grows downwards, so "up" is y decreasing),
+  None if that shift is under MIN_SHIFT of the frame side. area_spread = std / mean of blob area over frames.
+Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--json out.json]
+  scores a model on the fixed validation prompts: one row per (steps, cfg) setting, with forward passes and
+  seconds per video on the device used.
+Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness beyond area_spread.
+"""
+import argparse
+import json
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
+
+ATTRS = ("colour", "shape", "direction")
+MIN_SHIFT = 0.125  # smallest centroid shift (fraction of the frame side) that counts as a direction
+SQUARE_FILL = 0.9  # a square fills its bbox (~1) and has >= 3 of its 4 bbox corners lit; circles have none
+TRIANGLE_CENTROID = 0.59  # relative centroid height in the bbox above which a blob is a triangle
+
+
+def largest_blob(mask):
+    """[N, H, W] bool -> [N, H, W] bool keeping only the largest 8-connected component of each image."""
+    n, h, w = mask.shape
+    ids = torch.arange(1, n * h * w + 1, dtype=torch.float64).view(n, 1, h, w)
+    labels = torch.where(mask[:, None], ids, 0.0)  # every pixel starts as its own component
+    for _ in range(h * w):  # spread the max label within each component until nothing changes
+        grown = torch.where(mask[:, None], F.max_pool2d(labels, 3, stride=1, padding=1), 0.0)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    labels = labels.view(n, h * w).long()  # component id per pixel, 0 = background
+    sizes = torch.bincount(labels.flatten(), minlength=n * h * w + 1)
+    sizes[0] = 0
+    best = labels.gather(1, sizes[labels].argmax(1, keepdim=True))  # [N, 1] id of the largest blob
+    return ((labels == best) & (best > 0)).view(n, h, w)
+
+
+def _majority(idx, names):
+    return names[torch.bincount(idx).argmax().item()] if len(idx) else None
+
+
+def _bbox(rows_or_cols):
+    """[T, L] bool occupancy -> first and last occupied index per frame, each [T]."""
+    length = rows_or_cols.shape[1]
+    first = rows_or_cols.int().argmax(1)
+    last = length - 1 - rows_or_cols.flip(1).int().argmax(1)
+    return first, last
+
+
+def judge(video):
+    """video [3, T, H, W] in [-1, 1] -> dict(colour, shape, direction: str | None, area_spread: float)."""
+    v = video.detach().float().cpu()
+    _, t, h, w = v.shape
+    obj = largest_blob(v.amax(0) > 0)  # [T, H, W]
+    area = obj.flatten(1).sum(1).float()  # [T]
+    valid = area > 0
+    if not valid.any():
+        return dict(colour=None, shape=None, direction=None, area_spread=1.0)
+    safe = area.clamp(min=1)
+    mean_rgb = (v * obj).sum((2, 3)).T / safe[:, None]  # [T, 3]
+    colour_idx = torch.cdist(mean_rgb, colour_table()).argmin(1)  # [T]
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    cy = (obj * ys).sum((1, 2)) / safe  # [T] centroid row
+    cx = (obj * xs).sum((1, 2)) / safe  # [T] centroid column
+    top, bottom = _bbox(obj.any(2))
+    left, right = _bbox(obj.any(1))
+    height, width = (bottom - top + 1).float(), (right - left + 1).float()
+    fill = area / (height * width)
+    i = torch.arange(t)
+    corners = sum(obj[i, r, c].int() for r in (top, bottom) for c in (left, right))  # [T] lit bbox corners
+    rel_cy = (cy - top + 0.5) / height  # 0.5 for symmetric shapes, ~0.65 for an upward triangle
+    square = (fill > SQUARE_FILL) & (corners >= 3)
+    shape_idx = torch.where(rel_cy > TRIANGLE_CENTROID, SHAPES.index("triangle"),
+                            torch.where(square, SHAPES.index("square"), SHAPES.index("circle")))
+    frames = valid.nonzero()[:, 0]
+    first, last = frames[0], frames[-1]
+    dx, dy = (cx[last] - cx[first]).item(), (cy[last] - cy[first]).item()
+    if max(abs(dx) / w, abs(dy) / h) < MIN_SHIFT:
+        direction = None
+    elif abs(dx) / w >= abs(dy) / h:
+        direction = "right" if dx > 0 else "left"
+    else:
+        direction = "down" if dy > 0 else "up"
+    return dict(colour=_majority(colour_idx[valid], list(COLOURS)), shape=_majority(shape_idx[valid], SHAPES),
+                direction=direction, area_spread=(area.std(unbiased=False) / area.mean()).item())
+
+
+def parse_caption(text):
+    """'a red square moving left' -> dict(colour='red', shape='square', direction='left'); None where absent."""
+    words = re.findall(r"[a-z]+", text.lower())
+    pick = lambda names: next((word for word in words if word in names), None)
+    return dict(colour=pick(COLOURS), shape=pick(SHAPES), direction=pick(DIRECTIONS))
+
+
+def score(videos, prompts):
+    """videos [n, 3, T, H, W] (or a list of [3, T, H, W]) vs prompts -> accuracies, overall, area_spread, n."""
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
+    hits = {k: 0 for k in ATTRS + ("overall",)}
+    spread = 0.0
+    for video, prompt in zip(videos, prompts):
+        got, want = judge(video), parse_caption(prompt)
+        ok = [got[k] is not None and got[k] == want[k] for k in ATTRS]
+        for k, good in zip(ATTRS + ("overall",), ok + [all(ok)]):
+            hits[k] += good
+        spread += got["area_spread"]
+    n = len(prompts)
+    result = {k: hits[k] / max(n, 1) for k in hits}
+    result.update(area_spread=spread / max(n, 1), n=n)
+    return result
+
+
+@torch.no_grad()
+def evaluate_model(sample_fn, prompts, batch_size=16):
+    """Call sample_fn on prompts in chunks of batch_size, then score all videos against their prompts."""
+    prompts = list(prompts)
+    videos = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        out = sample_fn(chunk)
+        if out.shape[0] != len(chunk):
+            raise ValueError(f"sample_fn returned {out.shape[0]} videos for {len(chunk)} prompts")
+        videos.append(out.detach().float().cpu())
+    return score(torch.cat(videos) if videos else [], prompts)
+
+
+def print_table(result, title=None):
+    if title:
+        print(title)
+    width = max(len(k) for k in result)
+    print(f"{'metric':<{width}}  value")
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description="prompt-following score for moving-shapes videos")
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", action="store_true", help="score ground-truth validation-split videos")
+    source.add_argument("--checkpoint", help="score a model's samples of the validation prompts")
+    ap.add_argument("--steps", type=int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
+    ap.add_argument("--cfg", type=float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
+    ap.add_argument("--n", type=int, default=64, help="number of videos")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--size", type=int, default=32)
+    args = ap.parse_args()
+    if args.dataset:
+        data = MovingShapes(args.n, seed=args.seed, split="val", num_frames=args.num_frames, size=args.size)
+        videos, prompts = next(iter(data))
+        print_table(score(videos, prompts), title=f"ground-truth validation videos (seed {args.seed})")
+        return
+    evaluate_checkpoint(args)
+
+
+def evaluate_checkpoint(args):
+    import parallel
+    from sample import generate, sampler_settings
+    from model import load_model
+    device = parallel.pick_device(args.device)
+    model, meta = load_model(args.checkpoint, device)
+    prompts = validation_prompts(args.n, args.seed)
+    for steps in args.steps:
+        for cfg in args.cfg:
+            s = sampler_settings(meta, steps, cfg)
+            batches = iter(range(10**9))
+            sample_fn = lambda chunk: generate(model, meta, chunk, seed=args.seed * 7919 + next(batches),
+                                               steps=steps, cfg=cfg)
+            sample_fn(prompts[:1])  # warm-up, kept out of the timing
+            t0 = time.time()
+            result = evaluate_model(sample_fn, prompts, args.batch_size)
+            per_video = (time.time() - t0) / len(prompts)
+            row = {"checkpoint": args.checkpoint, "kind": meta.get("kind", "?"), "steps": s["steps"],
+                   "cfg": s["cfg"], "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2),
+                   **result, f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
+            print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}")
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

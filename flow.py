@@ -1,0 +1,55 @@
+"""Rectified flow: the training loss and the samplers, apart from the network.
+
+Convention: x_t = (1 - t) x0 + t eps, t = 0 is data, t = 1 is noise; the network predicts the velocity
+v = eps - x0, so dx/dt = v and one Euler step from t to s is x_s = x_t + (s - t) v.
+Used by train.py (stage 0 loss), sample.py and evaluate.py (Euler with classifier-free guidance) and distill.py
+(the teacher's solver step). Leaves out: anything about the network's shape or the text encoder.
+"""
+import torch
+
+
+def interpolate(x0, eps, t):
+    """x_t for a batch of times t: [B]."""
+    t = t.view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - t) * x0 + t * eps
+
+
+def sample_t(n, generator=None, device=None, dist="logit_normal"):
+    """Training times in (0, 1): logit-normal (SD3) puts more weight on the middle of the path."""
+    if dist == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if dist == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"unknown t distribution {dist!r}: use 'uniform' or 'logit_normal'")
+
+
+def flow_loss(velocity_fn, x0, t, eps):
+    """Mean squared error of the predicted velocity. velocity_fn(x_t, t) -> v."""
+    return (velocity_fn(interpolate(x0, eps, t), t).float() - (eps - x0).float()).pow(2).mean()
+
+
+def cfg_velocity(model, x, t, cond, uncond, scale: float):
+    """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch. cond/uncond are
+    (context, mask) pairs from model.encode_text; scale 1 skips the unconditional pass."""
+    if scale == 1.0:
+        return model(x, t, *cond, encoded=True)
+    ctx = torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]])
+    v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), *ctx, encoded=True).chunk(2)
+    return v_u + scale * (v_c - v_u)
+
+
+def time_grid(steps: int, device=None, shift: float = 1.0):
+    """steps + 1 times from 1 to 0; shift > 1 spends more steps near the noise end (SD3's time shift)."""
+    t = torch.linspace(1, 0, steps + 1, device=device)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, noise, steps: int, shift: float = 1.0, progress=None):
+    """Integrate dx/dt = v from t = 1 (noise) to t = 0. velocity_fn(x, t[B]) -> v."""
+    x = noise
+    ts = time_grid(steps, noise.device, shift)
+    for i in (progress or (lambda r: r))(range(steps)):
+        t = ts[i].expand(x.shape[0])
+        x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, t).to(x.dtype)
+    return x

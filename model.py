@@ -1,0 +1,348 @@
+"""A video diffusion transformer in the Open-Sora-Plan 1.2 shape, with a per-layer Attention Tile mask plan.
+
+    latent video [B, C, T, H, W] -> 3D patches -> tokens in frame-major (t, h, w) order
+    -> depth x [adaLN-single self-attention over all video tokens (3D RoPE), cross-attention to text, MLP]
+    -> modulated norm + linear -> unpatchify -> flow-matching velocity [B, C, T, H, W]
+
+The network knows nothing of noise schedules (flow.py) or training (train.py). `python model.py` prints the
+presets and their parameter counts. The text side is either a small byte-level encoder trained with the model
+(`text_encoder="bytes"`, the demo) or precomputed embeddings such as T5's (`text_encoder="none"`, OSP-1.2).
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from attention import FULL, resolve_k, tile_attention
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 4
+    patch_size: tuple = (1, 2, 2)       # (t, h, w)
+    hidden: int = 2304
+    depth: int = 32
+    heads: int = 24
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    text_dim: int = 4096                # width of the text embeddings the model reads
+    text_len: int = 512                 # max text tokens
+    text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
+    text_encoder_depth: int = 2
+    mask_plan: list = field(default_factory=lambda: [FULL])  # per layer: "full" or k; one entry = all layers
+    attn_backend: str = "auto"          # sparse kernel: "auto", "flex" or "tile" (attention.py)
+
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if self.text_encoder not in ("none", "bytes"):
+            raise ValueError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
+        self.mask_plan = expand_plan(self.mask_plan, self.depth)
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+PRESETS = {
+    "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, text_dim=64, text_len=48,
+                 text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+    "demo": dict(in_channels=3, patch_size=(1, 4, 4), hidden=256, depth=8, heads=4, mlp_ratio=2.5,
+                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+    "osp12": dict(),  # the dataclass defaults are OSP-1.2: 32 x 2304 (24 heads x 96), patch 1x2x2, 4096-d text
+}
+
+
+def model_config(preset: str = "demo", **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    valid = {f.name for f in fields(ModelConfig)}
+    bad = set(overrides) - valid
+    if bad:
+        raise ValueError(f"unknown model keys {sorted(bad)}; valid keys: {sorted(valid)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+def expand_plan(plan, depth: int) -> list:
+    """A mask plan: one entry per layer ("full" or k reference frames); a single entry applies to all."""
+    if plan is None or isinstance(plan, (str, int)):
+        plan = [plan if plan is not None else FULL]
+    plan = list(plan)
+    if len(plan) == 1:
+        plan = plan * depth
+    if len(plan) != depth:
+        raise ValueError(f"mask plan has {len(plan)} entries for {depth} layers")
+    for entry in plan:
+        resolve_k(entry, 1 << 30)  # validates the entry
+    return [FULL if e == FULL else (int(e.split(":")[0]) if isinstance(e, str) else int(e)) for e in plan]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pieces
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal features of t in [0, 1] (scaled by 1000). t: [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_3d(grid, head_dim, device, theta=10000.0):
+    """cos, sin [N, head_dim/2] for tokens on a (T, H, W) grid, frame-major. The head dim is split over
+    the three axes (time gets the remainder), each axis rotating its own pairs of channels."""
+    T, H, W = grid
+    d_hw = (head_dim // 3) // 2 * 2
+    dims = (head_dim - 2 * d_hw, d_hw, d_hw)
+    pos = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in grid), indexing="ij"), -1)
+    pos = pos.reshape(-1, 3).float()  # [N, 3]
+    angles = []
+    for axis, d in enumerate(dims):
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=device).float() / d)
+        angles.append(pos[:, axis, None] * inv_freq[None])
+    angles = torch.cat(angles, dim=-1)  # [N, head_dim/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, H, N, D]; rotates channel pairs (2i, 2i+1) by the token's angles."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.backend = cfg.attn_backend
+        self.mask = FULL  # this layer's plan entry, set by DiT.set_mask_plan
+
+    def forward(self, x, rope, num_frames):
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+        o = tile_attention(q, k, v, num_frames, resolve_k(self.mask, num_frames), self.backend)
+        return self.proj(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, context, context_mask):
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
+        return self.proj(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.hidden
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg)
+        self.norm_cross = nn.LayerNorm(D, eps=1e-6)
+        self.cross = CrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, D))  # adaLN-single: per-block offsets
+
+    def forward(self, x, t_mod, context, context_mask, rope, num_frames):
+        # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
+        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
+                                            rope, num_frames)
+        x = x + self.cross(self.norm_cross(x), context, context_mask)
+        x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m[:, None], scale_m[:, None]))
+        return x
+
+
+class ByteTextEncoder(nn.Module):
+    """Captions as UTF-8 bytes -> a small transformer. Token 0 pads, 1 starts every caption (so the empty
+    caption, used for classifier-free guidance, is one BOS token and never an all-masked row)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(258, cfg.text_dim)
+        self.pos = nn.Parameter(torch.zeros(cfg.text_len, cfg.text_dim))
+        layer = nn.TransformerEncoderLayer(cfg.text_dim, max(1, cfg.text_dim // 64), 4 * cfg.text_dim,
+                                           dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.text_encoder_depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_dim)
+
+    def forward(self, ids, mask):
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        return self.norm(self.layers(x, src_key_padding_mask=~mask))
+
+
+def tokenize(prompts: list[str], text_len: int):
+    """Byte tokens: ids [B, text_len] (long), mask [B, text_len] (bool)."""
+    ids = torch.zeros(len(prompts), text_len, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        b = list(p.encode("utf-8"))
+        if len(b) + 1 > text_len:
+            raise ValueError(f"prompt is {len(b)} bytes; this model reads at most {text_len - 1}: {p[:40]!r}...")
+        ids[i, : len(b) + 1] = torch.tensor([1] + [c + 2 for c in b])
+    return ids, ids > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, pt, ph, pw = cfg.hidden, *cfg.patch_size
+        self.patch_dim = cfg.in_channels * pt * ph * pw
+        self.patch_embed = nn.Linear(self.patch_dim, D)
+        self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single
+        self.text_encoder = ByteTextEncoder(cfg) if cfg.text_encoder == "bytes" else None
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.out_table = nn.Parameter(torch.zeros(2, D))
+        self.out = nn.Linear(D, self.patch_dim)
+        self._rope_cache = {}
+        self.initialize_weights()
+        self.set_mask_plan(cfg.mask_plan)
+
+    def initialize_weights(self):
+        """All init in one place: xavier linears, zeroed output layer and cross-attention outputs (each
+        block starts close to the identity), small random adaLN tables."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.t_embed[0].weight, std=0.02)
+        nn.init.normal_(self.t_embed[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        for b in self.blocks:
+            nn.init.normal_(b.scale_shift_table, std=self.cfg.hidden ** -0.5)
+            nn.init.zeros_(b.cross.proj.weight)
+        nn.init.normal_(self.out_table, std=self.cfg.hidden ** -0.5)
+        nn.init.zeros_(self.out.weight)
+        if self.text_encoder is not None:
+            nn.init.normal_(self.text_encoder.embed.weight, std=0.02)
+            nn.init.normal_(self.text_encoder.pos, std=0.02)
+
+    def set_mask_plan(self, plan):
+        """Give each layer its Attention Tile entry ("full" or k). The model runs unchanged on any plan."""
+        self.cfg.mask_plan = expand_plan(plan, self.cfg.depth)
+        for block, entry in zip(self.blocks, self.cfg.mask_plan):
+            block.attn.mask = entry
+
+    def tokenize(self, prompts: list[str]):
+        return tokenize(prompts, self.cfg.text_len)
+
+    def encode_text(self, text, text_mask):
+        """Byte ids [B, L] (byte encoder) or embeddings [B, L, text_dim] -> context [B, L, hidden], mask."""
+        if self.text_encoder is not None:
+            text = self.text_encoder(text, text_mask)
+        return self.text_proj(text), text_mask
+
+    def rope(self, grid, device):
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_3d(grid, self.cfg.head_dim, device)
+        return self._rope_cache[key]
+
+    def forward(self, x, t, text, text_mask, encoded: bool = False):
+        """x: [B, C, T, H, W] noisy latents, t: [B] in [0, 1], text: ids, embeddings or (encoded=True) the
+        output of encode_text; text_mask: [B, L] bool. Returns the velocity, shaped like x."""
+        B, C, T, H, W = x.shape
+        pt, ph, pw = self.cfg.patch_size
+        if C != self.cfg.in_channels or T % pt or H % ph or W % pw:
+            raise ValueError(f"input {tuple(x.shape)} does not fit {C=} patches {self.cfg.patch_size}")
+        grid = (T // pt, H // ph, W // pw)
+        context, context_mask = (text, text_mask) if encoded else self.encode_text(text, text_mask)
+
+        x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        x = self.patch_embed(x)  # [B, N, D], frame-major tokens
+        t_emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype))  # [B, D]
+        t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
+        rope = self.rope(grid, x.device)
+        for block in self.blocks:
+            x = block(x, t_mod, context, context_mask, rope, grid[0])
+        shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
+        x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
+        return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                         t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    d = asdict(cfg)
+    d["patch_size"] = list(cfg.patch_size)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weights on disk: safetensors with the resolved config (and anything else the caller adds) in the metadata
+
+def save_model(path: str, state_dict: dict, cfg: ModelConfig, meta: dict | None = None, dtype=None):
+    """Atomically write weights + metadata. meta values are JSON-encoded into safetensors' string metadata."""
+    from safetensors.torch import save_file
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+               for k, v in state_dict.items()}
+    metadata = {"model_config": json.dumps(config_dict(cfg))}
+    metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str) -> dict:
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable safetensors checkpoint: {e}") from None
+    if "model_config" not in meta:
+        raise ValueError(f"{path!r} has no model_config in its metadata: not a checkpoint of this project")
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32):
+    """-> (DiT in eval mode, metadata dict). The mask plan in the metadata's config is applied."""
+    from safetensors.torch import load_file
+    meta = read_metadata(path)
+    model = DiT(ModelConfig(**meta["model_config"]))
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path!r} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device=device, dtype=dtype).eval(), meta
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        with torch.device("meta"):
+            m = DiT(model_config(name))
+        print(f"{name:6s} {num_params(m) / 1e6:9.2f} M parameters")

@@ -1,0 +1,104 @@
+"""Sample a video from a checkpoint and write it as an animated GIF.
+
+    python sample.py --prompt "a red circle moving right"
+    python sample.py --prompt "a cyan square moving up" --steps 50 --cfg 5 --seed 1 --out cyan.gif
+    python sample.py --prompt "..." --checkpoint runs/stage0/ckpt-0012000/ema.safetensors
+
+The checkpoint's metadata says what it is and how it samples (sampler, steps, guidance, mask plan), so no
+flags are needed; --steps and --cfg override it. Leaves out: the latent decoder for real-data checkpoints
+(their output is latents, saved as .pt).
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import flow
+from data import to_uint8
+from model import load_model
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
+
+
+def sampler_settings(meta: dict, steps=None, cfg=None) -> dict:
+    s = dict(meta.get("sampler", {"name": "euler", "steps": 50, "cfg": 1.0, "shift": 1.0}))
+    if steps is not None:
+        s["steps"] = steps
+    if cfg is not None:
+        s["cfg"] = cfg
+    return s
+
+
+@torch.no_grad()
+def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, progress=False):
+    """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
+    s = sampler_settings(meta, steps, cfg)
+    device = next(model.parameters()).device
+    shape = meta.get("video_shape")
+    if shape is None:
+        raise ValueError("checkpoint metadata has no video_shape: cannot size the noise")
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), *shape, generator=g).to(device)
+    cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))
+    uncond = model.encode_text(*(x.to(device) for x in model.tokenize([""] * len(prompts))))
+    bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if progress else None
+    if s["name"] != "euler":
+        raise ValueError(f"checkpoint asks for sampler {s['name']!r}, which this sample.py does not know")
+    return flow.euler_sample(lambda x, t: flow.cfg_velocity(model, x, t, cond, uncond, s["cfg"]),
+                             noise, s["steps"], s.get("shift", 1.0), bar)
+
+
+def save_gif(video, path: str, scale: int = 8, fps: int = 8):
+    """video [3, T, H, W] in [-1, 1] -> animated GIF, frames enlarged by nearest neighbour."""
+    from PIL import Image
+    frames = to_uint8(video)  # [T, H, W, 3]
+    images = [Image.fromarray(f.numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+              for f in frames]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample a video from a text prompt.")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sample.gif")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    args = p.parse_args(argv)
+    if not args.prompt.strip():
+        p.error("--prompt is empty")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.cfg is not None and args.cfg < 0:
+        p.error(f"--cfg must be >= 0, got {args.cfg}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    try:
+        import parallel
+        device = parallel.pick_device(args.device)
+        model, meta = load_model(args.checkpoint, device)
+        videos = generate(model, meta, [args.prompt], args.seed, args.steps, args.cfg, progress=True)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if videos.shape[1] == 3:
+        save_gif(videos[0].float().cpu(), args.out)
+    else:
+        args.out = os.path.splitext(args.out)[0] + ".pt"
+        torch.save(videos[0].cpu(), args.out)
+    s = sampler_settings(meta, args.steps, args.cfg)
+    print(f"wrote {args.out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {s['steps']} steps, "
+          f"cfg {s['cfg']}, {device})")
+
+
+if __name__ == "__main__":
+    main()

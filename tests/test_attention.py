@@ -1,0 +1,133 @@
+"""Attention Tile masks and kernels against independent references: a re-derived dense mask, SDPA with that
+boolean mask, and the paper's Table 1 sparsities (SPEC section 1)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from attention import (density, reference_frames, resolve_k, tile_attention, tile_block_mask,
+                       tile_dense_mask)
+
+CASES = [(4, 50, 1), (5, 37, 2), (6, 100, 1), (6, 100, 2), (6, 100, 3), (6, 100, 6), (3, 200, 1), (8, 45, 2)]
+
+
+def rederived_mask(T, S, k):
+    """Token by token, straight from SPEC section 1."""
+    refs = set(int(round(i * T / k)) for i in range(k))
+    N = T * S
+    m = torch.zeros(N, N, dtype=torch.bool)
+    for i in range(N):
+        fq = i // S
+        for fk in range(T):
+            if fq == fk or fk in refs or fq in refs:
+                m[i, fk * S:(fk + 1) * S] = True
+    return m
+
+
+@pytest.mark.parametrize("T,S,k", CASES)
+def test_dense_mask_matches_rederivation(T, S, k):
+    assert torch.equal(tile_dense_mask(T, S, k), rederived_mask(T, S, k))
+
+
+def test_full_mask_and_density():
+    assert tile_dense_mask(5, 7, 5).all()
+    for T, k in [(8, 1), (8, 3), (24, 4)]:
+        kept = 2 * k * T - k * k + T - k  # SPEC: kept frame tiles
+        assert density(T, k) == pytest.approx(kept / T**2)
+
+
+def test_reference_frames():
+    assert reference_frames(8, 1) == [0]
+    assert reference_frames(8, 2) == [0, 4]
+    assert reference_frames(24, 3) == [0, 8, 16]
+    assert reference_frames(8, 8) == list(range(8))
+    with pytest.raises(ValueError):
+        reference_frames(8, 9)
+
+
+def qkv(N, H=2, D=16, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, H, N, D, generator=g).requires_grad_(grad) for _ in range(3)]
+
+
+@pytest.mark.parametrize("T,S,k", [(6, 100, 1), (6, 100, 2), (6, 100, 3), (6, 100, 6), (3, 200, 1), (5, 37, 2)])
+def test_compiled_flex_equals_sdpa_with_dense_mask(T, S, k):
+    q, kk, v = qkv(T * S)
+    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
+    out = tile_attention(q, kk, v, T, k, backend="flex")
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("T,S,k", CASES)
+def test_tile_backend_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
+    q, kk, v = qkv(T * S, grad=True)
+    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, kk, v))
+    out = tile_attention(q, kk, v, T, k, backend="tile")
+    g_out = torch.autograd.grad(out.square().sum(), (q, kk, v))
+    assert (out - ref).abs().max().item() < 1e-4
+    for a, b in zip(g_out, g_ref):
+        assert (a - b).abs().max().item() < 1e-4
+
+
+def test_block_mask_equals_dense_mask_blockwise():
+    """Every 128x128 block the BlockMask skips is all-False in the dense mask; every 'full' block is all-True."""
+    T, S, k = 6, 100, 2
+    bm = tile_block_mask(T, S, k)
+    dense = tile_dense_mask(T, S, k)
+    N, B = T * S, 128
+    nb = -(-N // B)
+    kept = bm.to_dense()[0, 0].bool()  # partial or full
+    full = torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        for j in range(bm.full_kv_num_blocks[0, 0, i]):
+            full[i, bm.full_kv_indices[0, 0, i, j]] = True
+    for i in range(nb):
+        for j in range(nb):
+            tile = dense[i * B:(i + 1) * B, j * B:(j + 1) * B]
+            assert kept[i, j] == tile.any()
+            if full[i, j]:
+                assert tile.all() and tile.shape == (B, B)
+
+
+# SPEC section 1, Table 1 (S = 3600, 128 x 128 blocks)
+TABLE1 = [(8, 4, 17.60), (8, 3, 29.88), (8, 2, 45.47), (8, 1, 64.38),
+          (24, 12, 21.51), (24, 8, 40.30), (24, 6, 51.88), (24, 4, 64.98), (24, 3, 72.05)]
+
+
+@pytest.mark.parametrize("T,k,sparsity", TABLE1)
+def test_block_mask_sparsity_matches_paper_table(T, k, sparsity):
+    bm = tile_block_mask(T, 3600, k)
+    assert abs(bm.sparsity() - sparsity) < 0.05
+    # built from the frame structure: its tensors hold O(blocks^2) ints, never N x N
+    N = T * 3600
+    held = sum(t.numel() * t.element_size() for t in (bm.kv_indices, bm.full_kv_indices, bm.q_indices))
+    assert held < N * N / 1000
+
+
+def test_no_recompile_across_masks_of_one_shape():
+    T, S = 6, 100
+    q, kk, v = qkv(T * S, seed=1)
+    tile_attention(q, kk, v, T, 1, backend="flex")  # compiled (or reused) for this shape
+    before = counters["stats"]["unique_graphs"]
+    for k in (2, 3, 1, 2):
+        tile_attention(q, kk, v, T, k, backend="flex")
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_full_plan_entry_runs_plain_sdpa():
+    q, kk, v = qkv(4 * 30)
+    for backend in ("flex", "tile"):
+        assert torch.equal(tile_attention(q, kk, v, 4, 4, backend), F.scaled_dot_product_attention(q, kk, v))
+
+
+def test_plan_entries():
+    assert resolve_k("full", 8) == 8
+    assert resolve_k("1:7", 8) == 1
+    assert resolve_k(3, 8) == 3
+    assert resolve_k(12, 8) == 8
+    for bad in ("one", 0, -1, "x:7", 1.5):
+        with pytest.raises(ValueError):
+            resolve_k(bad, 8)
+    with pytest.raises(ValueError):
+        tile_attention(*qkv(10), 3, 1)  # 10 tokens do not split into 3 frames

@@ -1,0 +1,182 @@
+"""Tests for data.py and evaluate.py (CPU, a few seconds).
+
+Run:  cd /work/main && python -m pytest tests/test_data.py -q
+Leaves out: GPU rendering (render is device-agnostic torch; run `python data.py --device cuda` there).
+"""
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so plain `pytest` finds the repo modules
+
+from data import (COLOURS, DIRECTIONS, SHAPES, MovingShapes, ShardDataset, captions, collate, from_uint8,
+                  moving_shapes_batch, positions, render, sample_params, to_uint8, validation_prompts, write_shard)
+from evaluate import evaluate_model, judge, largest_blob, parse_caption, score
+
+RED, GREEN = torch.tensor([1.0, -1, -1]), torch.tensor([-1.0, 1, -1])
+
+
+def _blank(t=16, s=32):
+    return torch.full((3, t, s, s), -1.0)
+
+
+def test_deterministic_and_splits():
+    a, ca = moving_shapes_batch(8, 123)
+    b, cb = moving_shapes_batch(8, torch.Generator().manual_seed(123))
+    assert torch.equal(a, b) and ca == cb
+    assert not torch.equal(a, moving_shapes_batch(8, 124)[0])
+    train1, train2 = iter(MovingShapes(8, seed=0)), iter(MovingShapes(8, seed=0))
+    for _ in range(2):
+        (x, cx), (y, cy) = next(train1), next(train2)
+        assert torch.equal(x, y) and cx == cy
+    val, val_caps = next(iter(MovingShapes(8, seed=0, split="val")))
+    assert not torch.equal(val, next(iter(MovingShapes(8, seed=0)))[0])
+    assert torch.equal(val, moving_shapes_batch(8, 10**9)[0])  # documented val seed offset
+    assert val.shape == (8, 3, 16, 32, 32) and val.dtype == torch.float32
+    with pytest.raises(ValueError):
+        MovingShapes(8, split="test")
+
+
+def test_video_invariants():
+    n, t, s = 512, 16, 32
+    params = sample_params(n, torch.Generator().manual_seed(1))
+    videos, caps = render(params, t, s), captions(params)
+    pos = positions(params, t)  # [n, T, 2] top-left corner
+    size = params["size"][:, None, None]
+    assert ((params["size"] >= 0.25) & (params["size"] <= 0.40)).all()
+    assert (pos >= -1e-6).all() and (pos + size <= 1 + 1e-6).all()  # bbox inside every frame
+    shift = pos[:, -1] - pos[:, 0]  # [n, 2]
+    assert (shift.abs().amax(1) >= 1 / 3 - 1e-6).all() and (shift.abs().amin(1) == 0).all()
+    steps = pos[:, 1:] - pos[:, :-1]  # [n, T-1, 2]
+    assert torch.allclose(steps, steps[:, :1].expand_as(steps), atol=1e-5)  # constant speed
+    for video, cap in zip(videos, caps):
+        colour, shape, direction = parse_caption(cap).values()
+        assert cap == f"a {colour} {shape} moving {direction}"
+        rgb = torch.tensor(COLOURS[colour]) / 127.5 - 1
+        lit = (video > -1).any(0)  # [T, H, W]
+        assert lit.flatten(1).any(1).all()  # object visible in every frame
+        pixels = video.permute(1, 2, 3, 0)[lit]  # [P, 3]
+        assert torch.equal(pixels, rgb.expand_as(pixels))  # exactly one colour, the caption's
+        assert ((video == -1) | (video == 1)).all()
+        width = lit.any(1).sum(1).float()  # [T] lit columns per frame
+        assert (width >= 0.25 * s - 1).all() and (width <= 0.40 * s + 1).all()
+
+
+def test_validation_prompts_balanced():
+    prompts = validation_prompts(84, seed=3)
+    parsed = [tuple(parse_caption(p).values()) for p in prompts]
+    assert len(set(parsed)) == 84 and None not in sum(parsed, ())
+    assert validation_prompts(64, seed=3) == prompts[:64] and validation_prompts(64, seed=4) != prompts[:64]
+    for i, names in enumerate((COLOURS, SHAPES, DIRECTIONS)):
+        counts = [sum(p[i] == name for p in parsed[:64]) for name in names]
+        assert max(counts) - min(counts) <= 1
+
+
+def test_judge_scores_dataset():  # acceptance criterion: ground-truth videos score ~1.0
+    videos, prompts = next(iter(MovingShapes(256, seed=0, split="val")))
+    result = score(videos, prompts)
+    assert result["n"] == 256
+    for k in ("colour", "shape", "direction", "overall"):
+        assert result[k] >= 0.98, result
+    assert 0 <= result["area_spread"] < 0.15
+
+
+def test_judge_hand_drawn():
+    video = _blank()
+    for t in range(16):  # 10x10 red square moving right by 1 px per frame
+        video[:, t, 10:20, 2 + t:12 + t] = RED[:, None, None]
+    assert judge(video) == dict(colour="red", shape="square", direction="right", area_spread=0.0)
+    assert judge(video.flip(1))["direction"] == "left"  # frames reversed
+    assert judge(video.transpose(2, 3))["direction"] == "down"
+    assert judge(video[:, torch.tensor([0] * 16)])["direction"] is None  # no motion
+
+    tri = _blank()
+    for t in range(16):  # green upward triangle, height 12 and base 12, moving up 1 px per frame
+        top = 18 - t
+        for row in range(12):
+            half = (row + 1) // 2
+            tri[:, t, top + row, 16 - half:16 + half + (row % 2 == 0)] = GREEN[:, None]
+    got = judge(tri)
+    assert (got["colour"], got["shape"], got["direction"]) == ("green", "triangle", "up")
+    assert judge(tri.flip(2))["shape"] != "triangle"  # upside down is no upward triangle
+
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    circ = _blank()
+    for t in range(16):  # white disc of radius 5.5 moving left
+        disc = (yy - 15.5) ** 2 + (xx - (25 - t)) ** 2 <= 5.5**2
+        circ[:, t, disc] = 1.0
+    got = judge(circ)
+    assert (got["colour"], got["shape"], got["direction"]) == ("white", "circle", "left")
+
+
+def test_judge_robust():
+    empty = judge(_blank())
+    assert empty == dict(colour=None, shape=None, direction=None, area_spread=1.0)
+    video = _blank()
+    video[:, 3, 5:15, 5:15] = RED[:, None, None]  # one lit frame: no direction, no crash, no NaN
+    video[:, 3, 30, 30] = GREEN  # a stray pixel is ignored by the largest-blob filter
+    got = judge(video)
+    assert (got["colour"], got["shape"], got["direction"]) == ("red", "square", None)
+    assert math.isfinite(got["area_spread"]) and got["area_spread"] > 1
+    noise = torch.rand(3, 16, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert math.isfinite(judge(noise)["area_spread"])
+    mask = torch.zeros(1, 6, 6, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    mask[0, 3:5, 3:6] = True
+    assert largest_blob(mask).sum() == 6 and not largest_blob(mask)[0, 0, 0]
+
+
+def test_score_and_evaluate_model():
+    assert parse_caption("A Red square, moving LEFT") == dict(colour="red", shape="square", direction="left")
+    assert parse_caption("nothing") == dict(colour=None, shape=None, direction=None)
+    videos, prompts = moving_shapes_batch(12, 5)
+    table = dict(zip(prompts, videos))
+    result = evaluate_model(lambda ps: torch.stack([table[p] for p in ps]), prompts, batch_size=5)
+    assert result["overall"] == 1.0 and result["n"] == 12
+    wrong = score(videos.flip(2), prompts)  # time-reversed videos: every direction wrong
+    assert wrong["direction"] == 0.0 and wrong["overall"] == 0.0 and wrong["colour"] == 1.0
+
+
+def test_uint8_round_trip():
+    videos, _ = moving_shapes_batch(2, 0)
+    frames = to_uint8(videos[0])
+    assert frames.shape == (16, 32, 32, 3) and frames.dtype == torch.uint8
+    assert torch.equal(from_uint8(frames), videos[0])
+
+
+def test_shards_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lat = [torch.randn(n, 4, 3, 8, 8, generator=g) for n in (3, 2)]
+    caps = [["a", "b", "c"], ["d", "e"]]
+    for i in range(2):
+        write_shard(tmp_path / "caps" / f"shard-{i:05d}.safetensors", lat[i], captions=caps[i])
+    ds = ShardDataset(str(tmp_path / "caps"))
+    assert len(ds) == 5 and set(ds[0]) == {"video", "caption"}
+    assert torch.equal(torch.stack([ds[i]["video"] for i in range(5)]), torch.cat(lat))
+    assert [ds[i]["caption"] for i in range(5)] == sum(caps, [])
+    batch = collate([ds[i] for i in (4, 0)])
+    assert batch["caption"] == ["e", "a"] and torch.equal(batch["video"], torch.stack([lat[1][1], lat[0][0]]))
+
+    emb = [torch.randn(n, 7, 16, generator=g).half() for n in (3, 2)]
+    mask = [torch.rand(n, 7, generator=g) > 0.5 for n in (3, 2)]
+    for i in range(2):
+        write_shard(str(tmp_path / "emb" / f"shard-{i:05d}.safetensors"), lat[i], text_emb=emb[i], text_mask=mask[i])
+    ds = ShardDataset(str(tmp_path / "emb"))
+    assert set(ds[0]) == {"video", "text_emb", "text_mask"}
+    batch = collate([ds[i] for i in range(5)])
+    assert torch.equal(batch["text_emb"], torch.cat(emb)) and torch.equal(batch["text_mask"], torch.cat(mask))
+    assert batch["text_mask"].dtype == torch.bool
+
+    with pytest.raises(ValueError, match="missing"):
+        ShardDataset(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        ShardDataset(str(tmp_path / "empty"))
+    write_shard(str(tmp_path / "caps" / "shard-00002.safetensors"), torch.randn(2, 4, 3, 4, 4), captions=["f", "g"])
+    with pytest.raises(ValueError, match="disagrees"):
+        ShardDataset(str(tmp_path / "caps"))
+    with pytest.raises(ValueError):
+        write_shard(str(tmp_path / "bad.safetensors"), lat[0], captions=["only one"])

@@ -1,0 +1,139 @@
+"""The DiT: plans route to the right attention (vs plain SDPA, with and without the dense mask), RoPE's
+relative-position property, forward/backward, a few optimizer steps, and weights round-tripping to disk."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_lib
+from attention import tile_dense_mask
+from model import DiT, apply_rope, load_model, model_config, rope_3d, save_model
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny", **kw))
+    for p in m.parameters():  # the zero-initialised output layers would hide every difference
+        torch.nn.init.normal_(p, std=0.05)
+    return m.eval()
+
+
+def inputs(m, B=2, T=4, H=16, W=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, m.cfg.in_channels, T, H, W, generator=g)
+    t = torch.rand(B, generator=g)
+    ids, mask = m.tokenize(["a red circle moving left", ""][:B] + ["x"] * (B - 2))
+    return x, t, ids, mask
+
+
+def sdpa_reference(num_frames_plan):
+    """A stand-in for tile_attention: SDPA with the dense boolean mask (or no mask for full)."""
+    def attend(q, k, v, num_frames, num_global, backend="auto"):
+        if num_global >= num_frames:
+            return F.scaled_dot_product_attention(q, k, v)
+        S = q.shape[2] // num_frames
+        num_frames_plan.append(num_global)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=tile_dense_mask(num_frames, S, num_global))
+    return attend
+
+
+@pytest.mark.parametrize("plan", [["full"], [1, 2], ["full", "1:3"]])
+@pytest.mark.parametrize("backend", ["tile", "flex"])
+def test_model_equals_sdpa_reference(plan, backend, monkeypatch):
+    m = tiny(attn_backend=backend)
+    m.set_mask_plan(plan)
+    x, t, ids, mask = inputs(m)
+    with torch.no_grad():
+        out = m(x, t, ids, mask)
+        seen = []
+        monkeypatch.setattr(model_lib, "tile_attention", sdpa_reference(seen))
+        ref = m(x, t, ids, mask)
+    assert (out - ref).abs().max().item() < 1e-4
+    assert len(seen) == sum(e != "full" for e in m.cfg.mask_plan)
+    assert out.shape == x.shape
+
+
+def test_sparse_plan_changes_the_output():
+    m = tiny()
+    x, t, ids, mask = inputs(m)
+    with torch.no_grad():
+        full = m(x, t, ids, mask)
+        m.set_mask_plan([1])
+        sparse = m(x, t, ids, mask)
+    assert (full - sparse).abs().max().item() > 1e-3
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    cos, sin = rope_3d((3, 4, 5), 24, "cpu")
+    q, k = torch.randn(24), torch.randn(24)
+    grid = torch.arange(60).view(3, 4, 5)
+    def score(i, j):
+        qi = apply_rope(q.expand(1, 1, 60, 24), cos, sin)[0, 0, i]
+        kj = apply_rope(k.expand(1, 1, 60, 24), cos, sin)[0, 0, j]
+        return (qi * kj).sum()
+    # the same (dt, dh, dw) offset from two different places gives the same score
+    assert score(grid[0, 0, 0], grid[1, 2, 3]) == pytest.approx(score(grid[1, 1, 1], grid[2, 3, 4]).item(), abs=1e-4)
+    assert score(grid[0, 0, 0], grid[1, 2, 3]) != pytest.approx(score(grid[0, 0, 0], grid[2, 2, 3]).item(), abs=1e-4)
+
+
+def test_forward_backward_and_a_few_steps_reduce_loss():
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny")).train()
+    x, t, ids, mask = inputs(m, B=4)
+    target = torch.randn_like(x)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = (m(x, t, ids, mask) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_sparse_plan_trains_on_cpu():
+    m = tiny(mask_plan=[1]).train()
+    x, t, ids, mask = inputs(m)
+    m(x, t, ids, mask).square().mean().backward()
+    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_precomputed_text_embeddings():
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny", text_encoder="none", text_dim=24)).eval()
+    x = torch.randn(2, 3, 2, 8, 8)
+    emb, mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert m(x, torch.rand(2), emb, mask).shape == x.shape
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = tiny()
+    m.set_mask_plan([2, "full"])
+    path = str(tmp_path / "w.safetensors")
+    save_model(path, m.state_dict(), m.cfg, {"kind": "test", "sampler": {"steps": 3}})
+    m2, meta = load_model(path)
+    assert meta["kind"] == "test" and meta["sampler"] == {"steps": 3}
+    assert m2.cfg.mask_plan == [2, "full"] and [b.attn.mask for b in m2.blocks] == [2, "full"]
+    x, t, ids, mask = inputs(m)
+    with torch.no_grad():
+        assert torch.equal(m(x, t, ids, mask), m2(x, t, ids, mask))
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model preset"):
+        model_config("huge")
+    with pytest.raises(ValueError, match="unknown model keys"):
+        model_config("tiny", dept=3)
+    with pytest.raises(ValueError, match="2 layers"):
+        model_config("tiny", mask_plan=[1, 2, 3])
+    with pytest.raises(ValueError, match="bytes"):
+        tiny().tokenize(["x" * 100])
+    with pytest.raises(FileNotFoundError):
+        load_model(str(tmp_path / "missing.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError):
+        load_model(str(tmp_path / "junk.safetensors"))
+    m = tiny()
+    with pytest.raises(ValueError, match="does not fit"):
+        m(torch.randn(1, 3, 2, 10, 10), torch.rand(1), *m.tokenize(["a"]))

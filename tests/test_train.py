@@ -1,0 +1,146 @@
+"""train.py end to end on the tiny model: overfitting, exact resume, config validation, NaN handling, the
+shard data path, export and sample.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data import write_shard
+from model import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "stage0.yaml")
+
+
+def cfg_for(tmp_path, *overrides):
+    base = [f"run_dir={tmp_path / 'run'}", "model=tiny", "batch_size=4", "log_every=1", "ckpt_every=2",
+            "warmup=1", "compile=false"]
+    return train.load_config(CONFIG, base + list(overrides))
+
+
+def logged(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_save_then_resume_gives_identical_next_steps(tmp_path, monkeypatch):
+    straight = cfg_for(tmp_path / "a", "steps=5")
+    train.train(straight)
+    crashed = cfg_for(tmp_path / "b", "steps=5", "ckpt_every=3")
+    real = train.get_batch
+    def crash_at_step_4(cfg, model, dataset, step, *a):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after the step-3 checkpoint
+        return real(cfg, model, dataset, step, *a)
+    monkeypatch.setattr(train, "get_batch", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(crashed)
+    monkeypatch.setattr(train, "get_batch", real)
+    records = train.train(crashed)  # the same command again resumes from ckpt-0000003
+    assert [r["step"] for r in records] == [4, 5]
+    a = {r["step"]: r["loss"] for r in logged(straight.run_dir)}
+    b = {r["step"]: r["loss"] for r in logged(crashed.run_dir)}
+    assert a[4] == b[4] and a[5] == b[5]
+    wa = load_file(os.path.join(straight.run_dir, "ckpt-0000005", "ema.safetensors"))
+    wb = load_file(os.path.join(crashed.run_dir, "ckpt-0000005", "ema.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    from model import DiT, model_config
+    import flow
+    m = DiT(model_config("tiny")).train()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 4, 16, 16, generator=g) * 2 - 1
+    t, eps = torch.rand(2, generator=g), torch.randn(x0.shape, generator=g)
+    ids, mask = m.tokenize(["a red circle moving left", "a blue square moving up"])
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = flow.flow_loss(lambda xt, tt: m(xt, tt, ids, mask), x0, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys.*valid keys"):
+        train.load_config(CONFIG, ["stpes=3"])
+    with pytest.raises(ValueError, match="must be a number"):
+        train.load_config(CONFIG, ["lr=fast"])
+    with pytest.raises(ValueError, match="must be an integer"):
+        train.load_config(CONFIG, ["steps=2.5"])
+    with pytest.raises(ValueError, match="key=value"):
+        train.load_config(CONFIG, ["steps"])
+    with pytest.raises(ValueError, match="unknown model keys"):
+        train.load_config(CONFIG, ["model_args.dept=2"])
+    with pytest.raises(FileNotFoundError):
+        train.load_config(str(tmp_path / "none.yaml"))
+    cfg = train.load_config(CONFIG, ["steps=7", "model_args.depth=3", "lr=1e-3"])
+    assert cfg.steps == 7 and cfg.model_args == {"depth": 3} and cfg.lr == 1e-3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "steps=6")
+    real = train.stage0_loss
+    calls = iter(range(100))
+    def poisoned(*a, **kw):
+        loss = real(*a, **kw)
+        return loss * float("nan") if next(calls) >= 2 else loss  # step 3 goes bad
+    monkeypatch.setattr(train, "stage0_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="ckpt-0000002"):
+        train.train(cfg)
+    assert [os.path.basename(p) for p in train.checkpoints(cfg.run_dir)] == ["ckpt-0000002"]
+    weights = load_file(os.path.join(cfg.run_dir, "ckpt-0000002", "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("with_embeddings", [False, True])
+def test_trains_on_safetensors_shards(tmp_path, with_embeddings):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(2):
+        latents = torch.randn(3, 4, 2, 8, 8)
+        if with_embeddings:
+            write_shard(str(folder / f"shard-{i:05d}.safetensors"), latents, text_emb=torch.randn(3, 6, 16),
+                        text_mask=torch.ones(3, 6, dtype=torch.bool))
+        else:
+            write_shard(str(folder / f"shard-{i:05d}.safetensors"), latents, captions=["a", "b", "c"])
+    args = [f"data={folder}", "steps=2", "model_args.in_channels=4"]
+    if with_embeddings:
+        args += ["model_args.text_encoder=none", "model_args.text_dim=16"]
+    cfg = cfg_for(tmp_path, *args)
+    records = train.train(cfg)
+    assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    _, meta = load_model(os.path.join(train.checkpoints(cfg.run_dir)[-1], "ema.safetensors"))
+    assert meta["video_shape"] == [4, 2, 8, 8]
+
+
+def test_export_and_sample_cli(tmp_path):
+    cfg = cfg_for(tmp_path, "steps=2", "num_frames=4", "size=16")
+    train.train(cfg)
+    out = str(tmp_path / "w.safetensors")
+    train.export(cfg, out)
+    m, meta = load_model(out)
+    assert next(m.parameters()).dtype == torch.float32 and meta["kind"] == "base"
+    gif = tmp_path / "v.gif"
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *a],
+                                    capture_output=True, text=True, cwd=tmp_path)
+    r = run("--prompt", "a red circle moving left", "--checkpoint", out, "--steps", "3", "--out", str(gif))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and gif.exists()
+    from PIL import Image
+    im = Image.open(gif)
+    assert im.n_frames == 4 and im.size == (16 * 8, 16 * 8)
+    for bad, msg in [(["--prompt", "  "], "empty"), (["--prompt", "a", "--steps", "0"], "steps"),
+                     (["--prompt", "a", "--checkpoint", "nope.safetensors"], "no checkpoint")]:
+        r = run(*bad)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr

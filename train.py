@@ -1,0 +1,361 @@
+"""Training: one loop for every stage of the recipe.
+
+    python train.py configs/stage0.yaml                      # stage 0: the base (teacher) model from scratch
+    torchrun --nproc_per_node 4 train.py configs/stage0.yaml # the same, data parallel
+    python train.py configs/stage0.yaml steps=2000 lr=1e-4   # key=value overrides, checked against the config
+    python train.py configs/stage0.yaml --export checkpoints/base.safetensors  # bf16 EMA weights to ship
+
+Rerunning a command resumes from the newest checkpoint in its run_dir. Every random draw of a step (data,
+caption dropout, times, noise) comes from a generator seeded by (seed, step, rank), so a resumed run takes the
+same batches as an uninterrupted one; torch's global RNG state is saved too. Checkpoints are folders
+run_dir/ckpt-NNNNNNN with model.safetensors and ema.safetensors (config in the metadata) and state.pt
+(optimizer, step, RNG), written to a temporary folder and renamed, so a crash never leaves half a checkpoint.
+
+Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any other value is a folder of
+safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
+(evaluate.py), the distillation objectives of later stages (distill.py).
+"""
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import yaml
+from tqdm import tqdm
+
+import flow
+import parallel
+from data import ShardDataset, collate, moving_shapes_batch
+from model import DiT, config_dict, load_model, model_config, num_params, save_model
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 0
+    run_dir: str = "runs/stage0"
+    model: str = "demo"                  # preset in model.py
+    model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
+    init: str = ""                       # weights to start from (later stages); empty = random init
+    data: str = "shapes"                 # "shapes" or a folder of safetensors shards
+    num_frames: int = 16                 # shapes data only
+    size: int = 32                       # shapes data only
+    batch_size: int = 64                 # global, split over data-parallel ranks
+    steps: int = 10000
+    lr: float = 3e-4
+    warmup: int = 500
+    min_lr_frac: float = 1.0             # < 1: cosine decay after warmup, down to lr * min_lr_frac at `steps`
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    caption_dropout: float = 0.1         # for classifier-free guidance
+    t_dist: str = "logit_normal"
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep: int = 2                        # checkpoints kept in run_dir
+    max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
+    compile: bool = True                 # torch.compile the model (GPU only)
+    bf16: bool = True                    # bf16 autocast (GPU only)
+    device: str = ""                     # empty: cuda if available
+    sample_steps: int = 50               # default sampler written into the checkpoint for sample.py
+    sample_cfg: float = 5.0
+    sample_shift: float = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: YAML + key=value overrides through one validator
+
+def _coerce(name, value, default):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+    elif isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        if isinstance(default, int) and value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return type(default)(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    elif isinstance(default, dict) and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
+    elif isinstance(default, tuple):
+        return tuple(value)
+    return value
+
+
+def make_config(values: dict) -> TrainConfig:
+    defaults = TrainConfig()
+    valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
+    unknown = set(values) - set(valid)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+    cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
+    model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
+    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1:
+        raise ValueError("batch_size, log_every and ckpt_every must be >= 1 and steps >= 0")
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if key.startswith("model_args."):
+            values.setdefault("model_args", {})[key.split(".", 1)[1]] = value
+        else:
+            values[key] = value
+    return make_config(values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoints(run_dir: str) -> list[str]:
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n[5:].isdigit())
+    return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.pt"))]
+
+
+def save_checkpoint(cfg, model, ema, opt, step, meta):
+    final = os.path.join(cfg.run_dir, f"ckpt-{step:07d}")
+    tmp = os.path.join(cfg.run_dir, f".tmp-ckpt-{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
+    save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng, "config": asdict(cfg)},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in checkpoints(cfg.run_dir)[: -cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path, model, ema, opt):
+    from safetensors.torch import load_file
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def export(cfg: TrainConfig, out: str):
+    """The newest checkpoint's EMA weights in bf16, for shipping."""
+    found = checkpoints(cfg.run_dir)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {cfg.run_dir!r} to export")
+    model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_model(out, model.state_dict(), model.cfg, {k: v for k, v in meta.items() if k != "model_config"},
+               dtype=torch.bfloat16)
+    print(f"exported {found[-1]} (EMA, bf16) -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and objective
+
+def step_generator(cfg, step, rank, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + rank) % 2**63)
+    return g
+
+
+def null_text(model, n, like=None):
+    """The unconditional input: the empty caption, or a single zero token for precomputed embeddings."""
+    if model.text_encoder is not None:
+        return model.tokenize([""] * n)
+    emb = torch.zeros_like(like)
+    mask = torch.zeros(emb.shape[:2], dtype=torch.bool)
+    mask[:, 0] = True
+    return emb, mask
+
+
+def get_batch(cfg, model, dataset, step, rank, local_bs, device):
+    """-> x0 [B, C, T, H, W], text, text_mask on device; the same for the same (seed, step, rank)."""
+    g = step_generator(cfg, step, rank, "cpu")
+    if dataset is None:
+        x0, captions = moving_shapes_batch(local_bs, g, cfg.num_frames, cfg.size, device)
+        text, mask = model.tokenize(captions)
+        null, null_mask = null_text(model, local_bs)
+    else:
+        batch = collate([dataset[i] for i in torch.randint(len(dataset), (local_bs,), generator=g).tolist()])
+        x0 = batch["video"].to(device)
+        if model.text_encoder is not None:
+            text, mask = model.tokenize(batch["caption"])
+            null, null_mask = null_text(model, local_bs)
+        else:
+            text, mask = batch["text_emb"].float(), batch["text_mask"].bool()
+            null, null_mask = null_text(model, local_bs, text)
+    drop = torch.rand(local_bs, generator=g) < cfg.caption_dropout
+    text = torch.where(drop.view(-1, *[1] * (text.dim() - 1)), null, text)
+    mask = torch.where(drop[:, None], null_mask, mask)
+    return x0, text.to(device), mask.to(device)
+
+
+def learning_rate(cfg, step):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def stage0_loss(model, cfg, x0, text, mask, g):
+    """Rectified flow: regress the velocity eps - x0 at a random point of the straight path."""
+    t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist)
+    eps = torch.randn(x0.shape, generator=g, device=x0.device)
+    return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Runs (or resumes) the configured stage; returns the log records written by this call."""
+    env = parallel.setup(cfg.device or None)
+    device = env.device
+    if cfg.batch_size % env.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.world} data-parallel ranks")
+    local_bs = cfg.batch_size // env.world
+    torch.manual_seed(cfg.seed)
+
+    if cfg.init:
+        model, _ = load_model(cfg.init)
+    else:
+        model = DiT(model_config(cfg.model, **cfg.model_args))
+    model.to(device).train()
+    ema = DiT(model.cfg).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda")
+
+    start = 0
+    found = checkpoints(cfg.run_dir)
+    if found:
+        start = load_checkpoint(found[-1], model, ema, opt)
+    dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
+    shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
+        list(dataset[0]["video"].shape)
+    meta = {"kind": "base", "train_config": asdict(cfg), "video_shape": shape,
+            "sampler": {"name": "euler", "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift}}
+
+    net = model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile and device.type == "cuda":
+        net = torch.compile(net)
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+    if env.is_main:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device}, "
+              f"steps {start} -> {cfg.steps}" + (f" (resumed from {found[-1]})" if found else ""))
+    log_path = os.path.join(cfg.run_dir, "log.jsonl")
+    records, bad = [], torch.zeros((), dtype=torch.bool, device=device)
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main, dynamic_ncols=True)
+    t_start = t_last = time.time()
+    step_last = start
+    for step in pbar:
+        lr = learning_rate(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x0, text, mask = get_batch(cfg, model, dataset, step, env.rank, local_bs, device)
+        g = step_generator(cfg, step, env.rank, device)
+        with autocast:
+            loss = stage0_loss(net, cfg, x0, text, mask, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
+        bad |= ~torch.isfinite(loss.detach())
+
+        done = step + 1
+        out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
+            parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
+        last_step = done == cfg.steps or out_of_time
+        if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
+            if bad.item():  # the only host sync: once per interval
+                last = checkpoints(cfg.run_dir)
+                raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
+                                         f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
+                                         "e.g. with a lower lr)")
+            now = time.time()
+            rate = (done - step_last) / max(now - t_last, 1e-9)
+            rec = {"step": done, "loss": loss.item(), "lr": lr, "it_s": rate,
+                   "videos_s": rate * cfg.batch_size, "time": now}
+            if device.type == "cuda":
+                rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            t_last, step_last = now, done
+            records.append(rec)
+            if env.is_main:
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        if (done % cfg.ckpt_every == 0 or last_step) and env.is_main:
+            save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done})
+        parallel.barrier()
+        if out_of_time:
+            if env.is_main:
+                print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
+            break
+    pbar.close()
+    return records
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        sys.exit("usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors]")
+    out = None
+    if "--export" in argv:
+        i = argv.index("--export")
+        if i + 1 >= len(argv):
+            sys.exit("--export needs an output path")
+        out = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    try:
+        cfg = load_config(argv[0], argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if out:
+        export(cfg, out)
+        return
+    try:
+        train(cfg)
+    except FloatingPointError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        parallel.cleanup()
+
+
+if __name__ == "__main__":
+    main()
