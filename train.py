@@ -27,15 +27,19 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import distill
 import flow
 import parallel
 from data import ShardDataset, collate, moving_shapes_batch
 from model import DiT, config_dict, load_model, model_config, num_params, save_model
 
 
+STAGES = {0: "base", 1: "mlcd"}
+
+
 @dataclass
 class TrainConfig:
-    stage: int = 0
+    stage: int = 0                       # 0 base model, 1 MLCD (distill.py)
     run_dir: str = "runs/stage0"
     model: str = "demo"                  # preset in model.py
     model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
@@ -65,6 +69,13 @@ class TrainConfig:
     sample_steps: int = 50               # default sampler written into the checkpoint for sample.py
     sample_cfg: float = 5.0
     sample_shift: float = 1.0
+    # stage 1 (MLCD): the teacher is the `teacher` checkpoint (default: `init`), frozen
+    teacher: str = ""
+    segments: int = 4                    # K: the student samples in K steps
+    teacher_steps: int = 64              # the teacher's Euler step is 1 / teacher_steps
+    teacher_cfg: float = 5.0             # guidance inside the teacher's step
+    target: str = "ema"                  # "ema" (the EMA student) or "stopgrad" (the student itself)
+    huber_c: float = 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,6 +115,12 @@ def make_config(values: dict) -> TrainConfig:
     model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
     if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1:
         raise ValueError("batch_size, log_every and ckpt_every must be >= 1 and steps >= 0")
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
+    if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
+        raise ValueError(f"stage {cfg.stage} distils a trained model: set init (and optionally teacher)")
+    if cfg.target not in ("ema", "stopgrad") or cfg.segments < 1 or cfg.teacher_steps < cfg.segments:
+        raise ValueError("target must be 'ema' or 'stopgrad', segments >= 1 and teacher_steps >= segments")
     return cfg
 
 
@@ -230,6 +247,40 @@ def stage0_loss(model, cfg, x0, text, mask, g):
     return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
 
 
+def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
+    """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump."""
+    t = distill.sample_segment_times(x0.shape[0], cfg.segments, g, x0.device)
+    eps = torch.randn(x0.shape, generator=g, device=x0.device)
+    with torch.no_grad():
+        cond, uncond = teacher.encode_text(text, mask), teacher.encode_text(null, null_mask)
+    return distill.mlcd_loss(
+        student_fn=lambda x, tt: net(x, tt, text, mask),
+        teacher_fn=lambda x, tt: flow.cfg_velocity(teacher, x, tt, cond, uncond, cfg.teacher_cfg),
+        target_fn=lambda x, tt: target(x, tt, text, mask),
+        x0=x0, eps=eps, t=t, num_segments=cfg.segments, teacher_steps=cfg.teacher_steps, huber_c=cfg.huber_c)
+
+
+def make_objective(cfg, model, net, ema, device):
+    """-> loss(x0, text, mask, g) for the configured stage, with what that stage needs loaded once."""
+    if cfg.stage == 0:
+        return lambda x0, text, mask, g: stage0_loss(net, cfg, x0, text, mask, g)
+    teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
+    teacher.requires_grad_(False)
+    target = ema if cfg.target == "ema" else model
+    def loss(x0, text, mask, g):
+        null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text.cpu()))
+        return stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g)
+    return loss
+
+
+def checkpoint_meta(cfg, video_shape):
+    """What sample.py needs to know: the kind of model and how it samples."""
+    sampler = {"name": "euler", "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift}
+    if cfg.stage == 1:
+        sampler = {"name": "euler", "steps": cfg.segments, "cfg": 1.0, "shift": 1.0}
+    return {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -263,8 +314,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
-    meta = {"kind": "base", "train_config": asdict(cfg), "video_shape": shape,
-            "sampler": {"name": "euler", "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift}}
+    meta = checkpoint_meta(cfg, shape)
 
     net = model
     if env.world > 1:
@@ -272,6 +322,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.compile and device.type == "cuda":
         net = torch.compile(net)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    objective = make_objective(cfg, model, net, ema, device)
 
     if env.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -289,7 +340,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         x0, text, mask = get_batch(cfg, model, dataset, step, env.rank, local_bs, device)
         g = step_generator(cfg, step, env.rank, device)
         with autocast:
-            loss = stage0_loss(net, cfg, x0, text, mask, g)
+            loss = objective(x0, text, mask, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
