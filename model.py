@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import parallel
 from attention import FULL, resolve_k, tile_attention
 
 
@@ -132,11 +133,18 @@ class SelfAttention(nn.Module):
         self.backend = cfg.attn_backend
         self.mask = FULL  # this layer's plan entry, set by DiT.set_mask_plan
 
-    def forward(self, x, rope, num_frames):
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+    def forward(self, x, rope, num_frames, sp_group=None):
+        qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)
+        N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
+        if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
+            qkv = parallel.seq_to_heads(qkv, sp_group)[:, :N]
+        q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         o = tile_attention(q, k, v, num_frames, resolve_k(self.mask, num_frames), self.backend)
-        return self.proj(rearrange(o, "b h n d -> b n (h d)"))
+        o = rearrange(o, "b h n d -> b n h d")
+        if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
+            o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % dist_size(sp_group))), sp_group)
+        return self.proj(o.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -167,11 +175,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))  # adaLN-single: per-block offsets
 
-    def forward(self, x, t_mod, context, context_mask, rope, num_frames):
+    def forward(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
         # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
-                                            rope, num_frames)
+                                            rope, num_frames, sp_group)
         x = x + self.cross(self.norm_cross(x), context, context_mask)
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m[:, None], scale_m[:, None]))
         return x
@@ -225,6 +233,7 @@ class DiT(nn.Module):
         self.out_table = nn.Parameter(torch.zeros(2, D))
         self.out = nn.Linear(D, self.patch_dim)
         self._rope_cache = {}
+        self.sp_group = None  # set by enable_sequence_parallel
         self.initialize_weights()
         self.set_mask_plan(cfg.mask_plan)
 
@@ -253,6 +262,13 @@ class DiT(nn.Module):
         for block, entry in zip(self.blocks, self.cfg.mask_plan):
             block.attn.mask = entry
 
+    def enable_sequence_parallel(self, group):
+        """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
+        if group is not None and self.cfg.heads % dist_size(group):
+            raise ValueError(f"{self.cfg.heads} attention heads cannot be split over a sequence-parallel group "
+                             f"of {dist_size(group)}: choose sp_size dividing {self.cfg.heads}")
+        self.sp_group = group
+
     def tokenize(self, prompts: list[str]):
         return tokenize(prompts, self.cfg.text_len)
 
@@ -280,15 +296,24 @@ class DiT(nn.Module):
 
         x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         x = self.patch_embed(x)  # [B, N, D], frame-major tokens
+        N = x.shape[1]
+        if self.sp_group is not None:
+            x = parallel.shard_seq(x, self.sp_group)  # [B, ceil(N/P), D]: this rank's tokens (padded)
         t_emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype))  # [B, D]
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, t_mod, context, context_mask, rope, grid[0])
+            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
+        if self.sp_group is not None:
+            x = parallel.gather_seq(x, self.sp_group)[:, :N]
         return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
+
+
+def dist_size(group) -> int:
+    return torch.distributed.get_world_size(group)
 
 
 def num_params(model: nn.Module) -> int:

@@ -1,9 +1,20 @@
-"""Distributed set-up in plain torch.distributed; everything runs unchanged without torchrun.
+"""Distributed set-up and Ulysses sequence parallelism in plain torch.distributed; everything runs unchanged
+without torchrun.
 
-    torchrun --nproc_per_node 4 train.py configs/stage0.yaml     # data parallel (DDP)
+    torchrun --nproc_per_node 4 train.py configs/stage0.yaml              # data parallel (DDP)
+    torchrun --nproc_per_node 4 train.py configs/stage3.yaml sp_size=4    # sequence parallel x data parallel
+    torchrun --nproc_per_node 4 sample.py --prompt "..."                  # sequence-parallel sampling
 
 `setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts NCCL on GPU or gloo on CPU;
-without it, it returns a single process on the best device. Leaves out: sequence parallelism (its own issue).
+without it, it returns a single process on the best device. Ranks form a grid: consecutive groups of
+`sp_size` ranks share one sample's token sequence (sequence parallel), and the groups split the batch
+(data parallel).
+
+Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509): each rank holds N/P tokens of the sequence for every layer
+except self-attention. Around self-attention one all-to-all trades "my tokens, all heads" for "all tokens,
+my H/P heads" (q, k and v in one exchange), so each rank attends over the whole sequence for its heads with
+the same Attention Tile mask, and a second all-to-all trades back. The exchanges are autograd functions
+whose backward is the inverse exchange.
 """
 import os
 from dataclasses import dataclass
@@ -18,10 +29,20 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    sp_size: int = 1
+    sp_group: object = None  # this rank's sequence-parallel process group (None: no sequence parallelism)
 
     @property
     def is_main(self):
         return self.rank == 0
+
+    @property
+    def dp_rank(self):  # which slice of the batch this rank's SP group works on
+        return self.rank // self.sp_size
+
+    @property
+    def dp_size(self):
+        return self.world // self.sp_size
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -33,9 +54,11 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def setup(device: str | None = None) -> Dist:
-    """Start the process group when launched by torchrun; a no-op otherwise."""
+def setup(device: str | None = None, sp_size: int = 1) -> Dist:
+    """Start the process group when launched by torchrun; a no-op otherwise. sp_size ranks share a sequence."""
     if "RANK" not in os.environ:
+        if sp_size != 1:
+            raise ValueError(f"sp_size={sp_size} needs {sp_size} processes: launch with torchrun --nproc_per_node")
         return Dist(device=pick_device(device))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     dev = pick_device(device)
@@ -46,7 +69,85 @@ def setup(device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world, local, dev)
+    return Dist(rank, world, local, dev, sp_size, sequence_groups(world, sp_size))
+
+
+def sequence_groups(world: int, sp_size: int):
+    """Consecutive blocks of sp_size ranks; returns this rank's group (every rank must create all groups)."""
+    if sp_size < 1 or world % sp_size:
+        raise ValueError(f"sp_size {sp_size} does not divide the {world} processes")
+    if sp_size == 1:
+        return None
+    mine = None
+    for start in range(0, world, sp_size):
+        group = dist.new_group(list(range(start, start + sp_size)))
+        if start <= dist.get_rank() < start + sp_size:
+            mine = group
+    return mine
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ulysses exchanges
+
+def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
+    P = dist.get_world_size(group)
+    send = torch.stack(x.chunk(P, dim=scatter_dim)).contiguous()  # [P, ...]: chunk i goes to rank i
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)  # chunks from ranks 0..P-1, in order
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = group, scatter_dim, gather_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim = ctx.args
+        return _all_to_all(grad.contiguous(), group, gather_dim, scatter_dim), None, None, None
+
+
+def seq_to_heads(x, group, seq_dim: int = 1, head_dim: int = 3):
+    """[B, N/P, ..., H, ...] (my tokens, all heads) -> [B, N, ..., H/P, ...] (all tokens, my heads)."""
+    return _AllToAll.apply(x, group, head_dim, seq_dim)
+
+
+def heads_to_seq(x, group, seq_dim: int = 1, head_dim: int = 2):
+    """The inverse: [B, N, H/P, D] -> [B, N/P, H, D]."""
+    return _AllToAll.apply(x, group, seq_dim, head_dim)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence; every rank then holds (and takes the loss of) the whole output, so the
+    backward keeps this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.args = group, dim
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, dim = ctx.args
+        return grad.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous(), None, None
+
+
+def gather_seq(x, group, dim: int = 1):
+    return _GatherSeq.apply(x, group, dim)
+
+
+def shard_seq(x, group, dim: int = 1):
+    """Pad the sequence to a multiple of the group size and keep this rank's contiguous slice."""
+    P, r = dist.get_world_size(group), dist.get_rank(group)
+    N = x.shape[dim]
+    pad = -N % P
+    if pad:
+        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim=dim)
+    return x.chunk(P, dim=dim)[r]
 
 
 def cleanup():

@@ -3,6 +3,7 @@
     python sample.py --prompt "a red circle moving right"
     python sample.py --prompt "a cyan square moving up" --steps 50 --cfg 5 --seed 1 --out cyan.gif
     python sample.py --prompt "..." --checkpoint runs/stage0/ckpt-0012000/ema.safetensors
+    torchrun --nproc_per_node 4 sample.py --prompt "..."     # sequence parallel over 4 processes
 
 The checkpoint's metadata says what it is and how it samples (sampler, steps, guidance, mask plan), so no
 flags are needed; --steps and --cfg override it. Leaves out: the latent decoder for real-data checkpoints
@@ -17,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import flow
+import parallel
 from data import to_uint8
 from model import load_model
 
@@ -84,12 +86,18 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     try:
-        import parallel
-        device = parallel.pick_device(args.device)
+        # under torchrun every process shares each video's token sequence (Ulysses, parallel.py)
+        env = parallel.setup(args.device, sp_size=int(os.environ.get("WORLD_SIZE", 1)))
+        device = env.device
         model, meta = load_model(args.checkpoint, device)
-        videos = generate(model, meta, [args.prompt], args.seed, args.steps, args.cfg, progress=True)
+        model.enable_sequence_parallel(env.sp_group)
+        videos = generate(model, meta, [args.prompt], args.seed, args.steps, args.cfg, progress=env.is_main)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        parallel.cleanup()
+    if not env.is_main:
+        return
     if videos.shape[1] == 3:
         save_gif(videos[0].float().cpu(), args.out)
     else:
@@ -97,7 +105,7 @@ def main(argv=None):
         torch.save(videos[0].cpu(), args.out)
     s = sampler_settings(meta, args.steps, args.cfg)
     print(f"wrote {args.out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {s['steps']} steps, "
-          f"cfg {s['cfg']}, {device})")
+          f"cfg {s['cfg']}, {env.world} x {device})")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class TrainConfig:
     num_frames: int = 16                 # shapes data only
     size: int = 32                       # shapes data only
     batch_size: int = 64                 # global, split over data-parallel ranks
+    sp_size: int = 1                     # ranks sharing one sample's sequence (Ulysses; torchrun only)
     steps: int = 10000
     lr: float = 3e-4
     warmup: int = 500
@@ -260,12 +261,13 @@ def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
         x0=x0, eps=eps, t=t, num_segments=cfg.segments, teacher_steps=cfg.teacher_steps, huber_c=cfg.huber_c)
 
 
-def make_objective(cfg, model, net, ema, device):
+def make_objective(cfg, model, net, ema, env):
     """-> loss(x0, text, mask, g) for the configured stage, with what that stage needs loaded once."""
     if cfg.stage == 0:
         return lambda x0, text, mask, g: stage0_loss(net, cfg, x0, text, mask, g)
+    device = env.device
     teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
     target = ema if cfg.target == "ema" else model
     def loss(x0, text, mask, g):
         null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text.cpu()))
@@ -286,11 +288,11 @@ def checkpoint_meta(cfg, video_shape):
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) the configured stage; returns the log records written by this call."""
-    env = parallel.setup(cfg.device or None)
+    env = parallel.setup(cfg.device or None, cfg.sp_size)
     device = env.device
-    if cfg.batch_size % env.world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.world} data-parallel ranks")
-    local_bs = cfg.batch_size // env.world
+    if cfg.batch_size % env.dp_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.dp_size} data-parallel groups")
+    local_bs = cfg.batch_size // env.dp_size
     torch.manual_seed(cfg.seed)
 
     if cfg.init:
@@ -298,8 +300,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     else:
         model = DiT(model_config(cfg.model, **cfg.model_args))
     model.to(device).train()
+    model.enable_sequence_parallel(env.sp_group)
     ema = DiT(model.cfg).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    ema.enable_sequence_parallel(env.sp_group)
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
@@ -322,11 +326,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.compile and device.type == "cuda":
         net = torch.compile(net)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    objective = make_objective(cfg, model, net, ema, device)
+    objective = make_objective(cfg, model, net, ema, env)
 
     if env.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
-        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device}, "
+        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
+              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}), "
               f"steps {start} -> {cfg.steps}" + (f" (resumed from {found[-1]})" if found else ""))
     log_path = os.path.join(cfg.run_dir, "log.jsonl")
     records, bad = [], torch.zeros((), dtype=torch.bool, device=device)
@@ -337,13 +342,17 @@ def train(cfg: TrainConfig) -> list[dict]:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, text, mask = get_batch(cfg, model, dataset, step, env.rank, local_bs, device)
-        g = step_generator(cfg, step, env.rank, device)
+        # one batch per data-parallel group: the ranks of a sequence-parallel group draw the same data, times
+        # and noise
+        x0, text, mask = get_batch(cfg, model, dataset, step, env.dp_rank, local_bs, device)
+        g = step_generator(cfg, step, env.dp_rank, device)
         with autocast:
             loss = objective(x0, text, mask, g)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient, and
+        # DDP averages over all ranks, hence the factor sp_size
+        (loss * env.sp_size).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
@@ -361,7 +370,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                                          "e.g. with a lower lr)")
             now = time.time()
             rate = (done - step_last) / max(now - t_last, 1e-9)
-            rec = {"step": done, "loss": loss.item(), "lr": lr, "it_s": rate,
+            rec = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "it_s": rate,
                    "videos_s": rate * cfg.batch_size, "time": now}
             if device.type == "cuda":
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
