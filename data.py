@@ -209,6 +209,14 @@ def collate(items):
 
 # ----------------------------------------------------------------------------- pixels <-> uint8
 
+def to_image(pixels):
+    """uint8 [H, W, 3] or [H, W] -> a PIL image (no numpy needed)."""
+    from PIL import Image
+    pixels = pixels.to(torch.uint8).contiguous().clone()  # a fresh storage holding exactly these bytes
+    mode = "RGB" if pixels.dim() == 3 else "L"
+    return Image.frombytes(mode, (pixels.shape[1], pixels.shape[0]), bytes(pixels.untyped_storage()))
+
+
 def to_uint8(video):
     """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
     return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)

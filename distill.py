@@ -1,6 +1,8 @@
-"""Distillation objectives: stage 1, multi-step latent consistency distillation (MLCD).
+"""Distillation: stage 1 (MLCD), stage 2 (layer-wise mask search) and stage 3 (knowledge distillation).
 
-    torchrun train.py configs/stage1.yaml        # train.py runs the loop; this file holds the math
+    torchrun train.py configs/stage1.yaml        # train.py runs every stage; this file holds the math
+    python train.py configs/stage2.yaml
+    torchrun train.py configs/stage3.yaml
 
 MLCD (Efficient-vDiT stage 1, after Heek et al. 2024, "Multistep Consistency Models", arXiv 2403.06807),
 for a rectified-flow model (flow.py: x_t = (1 - t) x0 + t eps, dx/dt = v):
@@ -16,11 +18,21 @@ for a rectified-flow model (flow.py: x_t = (1 - t) x0 + t eps, dx/dt = v):
     Sampling takes one Euler jump per segment from t = 1 down to 0: K forward passes and no guidance, which
     is flow.euler_sample with K steps (sample.py reads K from the checkpoint).
 
-Leaves out: the mask search and sparse distillation (stages 2 and 3, later in this file).
+Stage 2, mask search: on calibration inputs (prompts x seeds x the student's sampling times), every layer runs
+full attention; for each candidate k the same layer's q, k, v also go through the k:(T-k) mask, and the error
+is the relative L2 deviation ||O_k - O_full|| / ||O_full|| of the attention output (summed over the whole
+calibration set before the ratio). Each layer gets the sparsest k whose error is <= r, else full attention.
+
+Stage 3, knowledge distillation: the stage-1 model with full attention teaches the same weights under the
+searched plan: loss = w_out * MSE(v_student, v_teacher) + w_attn * mean over layers of MSE(O_student, O_teacher),
+O being each layer's attention output, on the same noisy input.
 """
 import torch
+import yaml
 
 import flow
+from attention import FULL, density, frame_mask, resolve_k, tile_attention
+from data import to_image
 
 
 def segment_start(t, num_segments: int):
@@ -58,3 +70,150 @@ def mlcd_loss(student_fn, teacher_fn, target_fn, x0, eps, t, num_segments: int, 
     with torch.no_grad():
         target = consistency_target(teacher_fn, target_fn, x_t, t, s, 1.0 / teacher_steps)
     return pseudo_huber(jump(x_t, t, s, student_fn(x_t, t)), target, huber_c)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: layer-wise mask search
+
+class AttentionProbe:
+    """Observer for every layer (model.SelfAttention.observer): accumulates, per candidate k, the squared
+    deviation of the sparse output from the full one, and the attention mass per frame-to-frame tile."""
+
+    def __init__(self, candidates, depth, num_frames):
+        self.candidates = list(candidates)
+        self.sq_err = torch.zeros(depth, len(self.candidates), dtype=torch.float64)
+        self.sq_ref = torch.zeros(depth, dtype=torch.float64)
+        self.tiles = torch.zeros(depth, num_frames, num_frames, dtype=torch.float64)
+        self.count = torch.zeros(depth)
+
+    def observer(self, layer):
+        def observe(q, k, v, out, num_frames):
+            full = tile_attention(q, k, v, num_frames, num_frames)  # this layer under full attention
+            self.sq_ref[layer] += full.double().pow(2).sum().cpu()
+            for j, kk in enumerate(self.candidates):
+                self.sq_err[layer, j] += (tile_attention(q, k, v, num_frames, kk) - full).double().pow(2).sum().cpu()
+            self.tiles[layer] += tile_mass(q, k, num_frames).double().cpu()
+            self.count[layer] += 1
+        return observe
+
+    def errors(self):
+        return (self.sq_err / self.sq_ref[:, None]).sqrt()  # [depth, candidates] relative L2
+
+
+def tile_mass(q, k, num_frames):
+    """Mean attention probability from frame fq's queries to frame fk's keys: [T, T], rows sum to 1."""
+    B, H, N, D = q.shape
+    out = torch.zeros(num_frames, num_frames, device=q.device)
+    for b in range(B):  # one sample at a time keeps the N x N probabilities small
+        p = torch.softmax(q[b].float() @ k[b].float().transpose(-1, -2) / D**0.5, dim=-1)  # [H, N, N]
+        out += p.unflatten(2, (num_frames, -1)).sum(-1).unflatten(1, (num_frames, -1)).mean((0, 2))
+    return out / B
+
+
+def choose_plan(errors, candidates, threshold: float):
+    """Per layer, the sparsest candidate k (fewest reference frames) with error <= threshold, else full."""
+    plan = []
+    for layer_err in errors.tolist():
+        ok = [kk for kk, e in zip(candidates, layer_err) if e <= threshold]
+        plan.append(min(ok) if ok else FULL)
+    return plan
+
+
+def plan_report(plan, errors, candidates, num_frames):
+    """Rows for the YAML file and the printed table: layer, mask, measured error, density."""
+    rows = []
+    for layer, entry in enumerate(plan):
+        k = resolve_k(entry, num_frames)
+        err = 0.0 if entry == FULL else errors[layer, candidates.index(k)].item()
+        rows.append({"layer": layer, "mask": entry if entry == FULL else f"{k}:{num_frames - k}", "k": entry,
+                     "error": round(err, 5), "density": round(density(num_frames, k), 4)})
+    return rows
+
+
+def write_plan(path, rows, threshold, num_frames):
+    mean_sparsity = 1 - sum(r["density"] for r in rows) / len(rows)
+    doc = {"threshold": threshold, "num_frames": num_frames, "mean_sparsity": round(mean_sparsity, 4),
+           "metric": "relative L2 of the attention output vs full attention", "plan": [r["k"] for r in rows],
+           "layers": rows}
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return mean_sparsity
+
+
+def load_plan(path):
+    """A plan file written by stage 2 (or any YAML with a `plan:` list) -> list of entries."""
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("plan"), list):
+        raise ValueError(f"{path!r} has no `plan:` list")
+    return doc["plan"]
+
+
+def _heat(x):
+    """[h, w] in [0, 1] -> uint8 RGB [h, w, 3], black -> red -> yellow -> white."""
+    x = x.clamp(0, 1)
+    return (torch.stack([x * 3, x * 3 - 1, x * 3 - 2], -1).clamp(0, 1) * 255).to(torch.uint8)
+
+
+def save_tile_maps_png(path, tiles, layers, plan, scale=12):
+    """The paper's Figure 1 for a few layers: attention mass per frame tile (log scale), with the chosen
+    mask's kept tiles outlined below each map."""
+    from PIL import Image, ImageDraw
+    T = tiles.shape[-1]
+    side, pad = T * scale, 20
+    img = Image.new("RGB", (len(layers) * (side + pad) + pad, 2 * side + 3 * pad), "black")
+    draw = ImageDraw.Draw(img)
+    for i, layer in enumerate(layers):
+        m = tiles[layer].float().clamp_min(1e-4).log10()
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
+        heat = _heat(m).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        x0 = pad + i * (side + pad)
+        img.paste(to_image(heat), (x0, pad))
+        kept = frame_mask(T, resolve_k(plan[layer], T)).float().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        img.paste(to_image(kept * 255).convert("RGB"), (x0, side + 2 * pad))
+        draw.text((x0, 4), f"layer {layer}", fill="white")
+        entry = plan[layer]
+        draw.text((x0, side + pad + 4), "full" if entry == FULL else f"{entry}:{T - entry}", fill="white")
+    img.save(path)
+
+
+def save_plan_png(path, rows, num_frames, scale=6):
+    """Every layer's chosen mask side by side (white: computed tile), with its error."""
+    from PIL import Image, ImageDraw
+    side, pad = num_frames * scale, 8
+    img = Image.new("RGB", (len(rows) * (side + pad) + pad, side + 3 * pad + 12), "black")
+    draw = ImageDraw.Draw(img)
+    for i, r in enumerate(rows):
+        kept = frame_mask(num_frames, resolve_k(r["k"], num_frames)).to(torch.uint8) * 255
+        tile = kept.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        x0 = pad + i * (side + pad)
+        img.paste(to_image(tile).convert("RGB"), (x0, 2 * pad + 12))
+        draw.text((x0, 2), f"L{r['layer']} {r['mask']}", fill="white")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 3: knowledge distillation into the sparse model
+
+class AttentionRecorder:
+    """Observer that keeps every layer's attention output of one forward, in layer order."""
+
+    def __init__(self, model, detach: bool):
+        self.outputs, self.detach = [], detach
+        for block in model.blocks:
+            block.attn.observer = self.record
+
+    def record(self, q, k, v, out, num_frames):
+        self.outputs.append(out.detach() if self.detach else out)
+
+    def take(self):
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
+
+def kd_loss(v_student, v_teacher, attn_student, attn_teacher, w_out: float, w_attn: float):
+    loss = w_out * (v_student.float() - v_teacher.float()).pow(2).mean()
+    if w_attn and attn_student:
+        layer = [(a.float() - b.float()).pow(2).mean() for a, b in zip(attn_student, attn_teacher)]
+        loss = loss + w_attn * torch.stack(layer).mean()
+    return loss

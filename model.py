@@ -132,6 +132,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.backend = cfg.attn_backend
         self.mask = FULL  # this layer's plan entry, set by DiT.set_mask_plan
+        self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
 
     def forward(self, x, rope, num_frames, sp_group=None):
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)
@@ -141,6 +142,8 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         o = tile_attention(q, k, v, num_frames, resolve_k(self.mask, num_frames), self.backend)
+        if self.observer is not None:
+            self.observer(q, k, v, o, num_frames)
         o = rearrange(o, "b h n d -> b n h d")
         if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
             o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % dist_size(sp_group))), sp_group)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import flow
 import parallel
-from data import to_uint8
+from data import to_image, to_uint8
 from model import load_model
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
@@ -57,7 +57,7 @@ def save_gif(video, path: str, scale: int = 8, fps: int = 8):
     """video [3, T, H, W] in [-1, 1] -> animated GIF, frames enlarged by nearest neighbour."""
     from PIL import Image
     frames = to_uint8(video)  # [T, H, W, 3]
-    images = [Image.fromarray(f.numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+    images = [to_image(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
               for f in frames]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)

@@ -31,15 +31,16 @@ import distill
 import flow
 import parallel
 from data import ShardDataset, collate, moving_shapes_batch
-from model import DiT, config_dict, load_model, model_config, num_params, save_model
+from attention import density, resolve_k
+from model import DiT, load_model, model_config, num_params, save_model
 
 
-STAGES = {0: "base", 1: "mlcd"}
+STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
 
 
 @dataclass
 class TrainConfig:
-    stage: int = 0                       # 0 base model, 1 MLCD (distill.py)
+    stage: int = 0                       # 0 base, 1 MLCD, 2 mask search, 3 sparse KD (distill.py)
     run_dir: str = "runs/stage0"
     model: str = "demo"                  # preset in model.py
     model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
@@ -77,6 +78,15 @@ class TrainConfig:
     teacher_cfg: float = 5.0             # guidance inside the teacher's step
     target: str = "ema"                  # "ema" (the EMA student) or "stopgrad" (the student itself)
     huber_c: float = 1e-3
+    # stage 2 (mask search on the `init` model; writes run_dir/plan.yaml and PNGs)
+    threshold: float = 0.1               # r: the largest relative L2 error of a layer's attention output
+    candidates: list = field(default_factory=list)  # k values to try; empty: 1 .. T-1
+    calib_prompts: int = 16
+    calib_seeds: int = 2
+    # stage 3 (KD: `init` weights under `plan` learn from the same weights with full attention)
+    plan: str = ""                       # a stage-2 plan.yaml
+    kd_output_weight: float = 1.0
+    kd_attn_weight: float = 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -101,6 +111,8 @@ def _coerce(name, value, default):
         raise ValueError(f"{name} must be a string, got {value!r}")
     elif isinstance(default, dict) and not isinstance(value, dict):
         raise ValueError(f"{name} must be a mapping, got {value!r}")
+    elif isinstance(default, list) and not isinstance(value, list):
+        raise ValueError(f"{name} must be a list, got {value!r}")
     elif isinstance(default, tuple):
         return tuple(value)
     return value
@@ -120,6 +132,8 @@ def make_config(values: dict) -> TrainConfig:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
     if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
         raise ValueError(f"stage {cfg.stage} distils a trained model: set init (and optionally teacher)")
+    if cfg.stage == 3 and not cfg.plan:
+        raise ValueError("stage 3 needs plan: the plan.yaml written by stage 2")
     if cfg.target not in ("ema", "stopgrad") or cfg.segments < 1 or cfg.teacher_steps < cfg.segments:
         raise ValueError("target must be 'ema' or 'stopgrad', segments >= 1 and teacher_steps >= segments")
     return cfg
@@ -261,6 +275,19 @@ def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
         x0=x0, eps=eps, t=t, num_segments=cfg.segments, teacher_steps=cfg.teacher_steps, huber_c=cfg.huber_c)
 
 
+def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g):
+    """KD (distill.py): the sparse student matches the full-attention teacher's velocity and every layer's
+    attention output on the same noisy input."""
+    t = 1 - torch.rand(x0.shape[0], generator=g, device=x0.device)
+    x_t = flow.interpolate(x0, torch.randn(x0.shape, generator=g, device=x0.device), t)
+    with torch.no_grad():
+        v_teacher = teacher(x_t, t, text, mask)
+    v_student = net(x_t, t, text, mask)
+    student, teach = recorders
+    return distill.kd_loss(v_student, v_teacher, student.take(), teach.take(), cfg.kd_output_weight,
+                           cfg.kd_attn_weight)
+
+
 def make_objective(cfg, model, net, ema, env):
     """-> loss(x0, text, mask, g) for the configured stage, with what that stage needs loaded once."""
     if cfg.stage == 0:
@@ -268,6 +295,10 @@ def make_objective(cfg, model, net, ema, env):
     device = env.device
     teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
     teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
+    if cfg.stage == 3:
+        teacher.set_mask_plan(["full"])
+        recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
+        return lambda x0, text, mask, g: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g)
     target = ema if cfg.target == "ema" else model
     def loss(x0, text, mask, g):
         null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text.cpu()))
@@ -275,12 +306,51 @@ def make_objective(cfg, model, net, ema, env):
     return loss
 
 
-def checkpoint_meta(cfg, video_shape):
-    """What sample.py needs to know: the kind of model and how it samples."""
+def checkpoint_meta(cfg, video_shape, init_meta):
+    """What sample.py needs to know: the kind of model and how it samples (stage 3 keeps its init's sampler)."""
     sampler = {"name": "euler", "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift}
     if cfg.stage == 1:
         sampler = {"name": "euler", "steps": cfg.segments, "cfg": 1.0, "shift": 1.0}
+    elif cfg.stage == 3:
+        sampler = init_meta["sampler"]
     return {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
+
+
+def mask_search(cfg, env):
+    """Stage 2 (distill.py): measure every layer's error under every candidate mask along the model's own
+    sampling trajectories, pick the plan for threshold r, write plan.yaml and the PNGs, print the table."""
+    from data import validation_prompts
+    from sample import generate
+    model, meta = load_model(cfg.init, env.device)
+    T = meta["video_shape"][1] // model.cfg.patch_size[0]
+    candidates = sorted(cfg.candidates) or list(range(1, T))
+    probe = distill.AttentionProbe(candidates, model.cfg.depth, T)
+    for i, block in enumerate(model.blocks):
+        block.attn.observer = probe.observer(i)
+    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1)  # evaluation uses seed 0
+    for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not env.is_main):
+        generate(model, meta, prompts, seed=10_000 + seed)
+    errors = probe.errors()
+    plan = distill.choose_plan(errors, candidates, cfg.threshold)
+    rows = distill.plan_report(plan, errors, candidates, T)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    sparsity = distill.write_plan(os.path.join(cfg.run_dir, "plan.yaml"), rows, cfg.threshold, T)
+    torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]},
+               os.path.join(cfg.run_dir, "search.pt"))
+    layers = sorted({0, model.cfg.depth // 2, model.cfg.depth - 1})
+    distill.save_tile_maps_png(os.path.join(cfg.run_dir, "tile_maps.png"), probe.tiles, layers, plan)
+    distill.save_plan_png(os.path.join(cfg.run_dir, "plan.png"), rows, T)
+    if env.is_main:
+        print(f"{'layer':>5} {'mask':>6} {'error':>8} {'density':>8}   errors for k = {candidates}")
+        for r, e in zip(rows, errors.tolist()):
+            print(f"{r['layer']:>5} {r['mask']:>6} {r['error']:>8.4f} {r['density']:>8.3f}   "
+                  + " ".join(f"{x:.3f}" for x in e))
+        print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
+        for r in (0.025, 0.05, 0.1, 0.2, 0.4):
+            p = distill.choose_plan(errors, candidates, r)
+            print(f"  r = {r:<5}: mean sparsity "
+                  f"{100 * (1 - sum(density(T, resolve_k(e, T)) for e in p) / len(p)):5.1f}%  plan {p}")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,10 +365,15 @@ def train(cfg: TrainConfig) -> list[dict]:
     local_bs = cfg.batch_size // env.dp_size
     torch.manual_seed(cfg.seed)
 
+    if cfg.stage == 2:
+        return mask_search(cfg, env)
+    init_meta = {}
     if cfg.init:
-        model, _ = load_model(cfg.init)
+        model, init_meta = load_model(cfg.init)
     else:
         model = DiT(model_config(cfg.model, **cfg.model_args))
+    if cfg.stage == 3:
+        model.set_mask_plan(distill.load_plan(cfg.plan))
     model.to(device).train()
     model.enable_sequence_parallel(env.sp_group)
     ema = DiT(model.cfg).to(device).eval().requires_grad_(False)
@@ -318,7 +393,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
-    meta = checkpoint_meta(cfg, shape)
+    meta = checkpoint_meta(cfg, shape, init_meta)
 
     net = model
     if env.world > 1:

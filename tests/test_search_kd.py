@@ -1,0 +1,97 @@
+"""Stages 2 and 3: the mask search on constructed attention patterns, the search and KD runs end to end on a tiny
+model, and the plan's round trip through checkpoints."""
+import os
+
+import pytest
+import torch
+
+import distill
+import train
+from attention import FULL
+from model import DiT, load_model, model_config, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_search_picks_full_for_spread_attention_and_sparse_for_frame_local():
+    T, S, D = 6, 8, 8
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, 2, T * S, D, generator=g)
+    frame = torch.arange(T * S) // S
+    spread_q = torch.zeros(1, 2, T * S, D)  # uniform attention over every frame
+    local = torch.zeros(1, 2, T * S, D)
+    local[..., :T] = 30.0 * torch.nn.functional.one_hot(frame, T).float()  # q.k large only within a frame
+    probe = distill.AttentionProbe([1, 2, 3], depth=2, num_frames=T)
+    probe.observer(0)(spread_q, spread_q, v, None, T)
+    probe.observer(1)(local, local, v, None, T)
+    errors = probe.errors()
+    assert errors[0].min() > 0.2 and errors[1].max() < 1e-3
+    assert distill.choose_plan(errors, [1, 2, 3], 0.1) == [FULL, 1]
+    tiles = probe.tiles / probe.count[:, None, None]
+    assert torch.allclose(tiles.sum(-1), torch.ones(2, T, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(tiles[1], torch.eye(T, dtype=torch.float64), atol=1e-4)  # the Figure-1 map
+
+
+def test_choose_plan_takes_the_sparsest_mask_under_threshold():
+    errors = torch.tensor([[0.30, 0.20, 0.05], [0.08, 0.01, 0.0], [0.5, 0.35, 0.3]])
+    assert distill.choose_plan(errors, [1, 2, 4], 0.1) == [4, 1, FULL]
+    assert distill.choose_plan(errors, [1, 2, 4], 0.4) == [1, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    """A tiny 'stage-1 student' with random non-zero weights and a 2-step sampler."""
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny", depth=3))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = str(tmp_path_factory.mktemp("s1") / "mlcd.safetensors")
+    save_model(path, m.state_dict(), m.cfg, {"kind": "mlcd", "video_shape": [3, 4, 16, 16],
+                                             "sampler": {"name": "euler", "steps": 2, "cfg": 1.0, "shift": 1.0}})
+    return path
+
+
+def test_all_full_plan_reproduces_the_stage1_model(student):
+    m, _ = load_model(student)
+    x, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    ids, mask = m.tokenize(["a red circle moving left", "a blue square moving up"])
+    with torch.no_grad():
+        ref = m(x, t, ids, mask)
+        m.set_mask_plan([1, 2, 1])
+        assert not torch.equal(m(x, t, ids, mask), ref)
+        m.set_mask_plan(["full"])
+        assert torch.equal(m(x, t, ids, mask), ref)
+
+
+def test_search_then_kd_end_to_end(tmp_path, student, monkeypatch):
+    s2 = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), [
+        f"run_dir={tmp_path / 's2'}", f"init={student}", "calib_prompts=2", "calib_seeds=1", "threshold=0.4"])
+    rows = train.train(s2)
+    assert len(rows) == 3
+    for name in ("plan.yaml", "tile_maps.png", "plan.png"):
+        assert os.path.getsize(tmp_path / "s2" / name) > 0
+    plan = distill.load_plan(str(tmp_path / "s2" / "plan.yaml"))
+    assert plan == [r["k"] for r in rows]
+
+    # stage 3 on a fixed batch so that the curve shows learning, with a plan sparse in every layer
+    fixed = {}
+    real = train.get_batch
+    monkeypatch.setattr(train, "get_batch", lambda cfg, m, d, step, *a: fixed.setdefault(0, real(cfg, m, d, 0, *a)))
+    gen = train.step_generator
+    monkeypatch.setattr(train, "step_generator", lambda cfg, step, rank, device: gen(cfg, 0, rank, device))
+    (tmp_path / "plan.yaml").write_text("plan: [1, 1, 2]\n")
+    s3 = train.load_config(os.path.join(ROOT, "configs", "stage3.yaml"), [
+        f"run_dir={tmp_path / 's3'}", f"init={student}", f"plan={tmp_path / 'plan.yaml'}", "batch_size=4",
+        "num_frames=4", "size=16", "steps=60", "log_every=1", "warmup=1", "lr=3e-4", "compile=false"])
+    records = train.train(s3)
+    assert sum(r["loss"] for r in records[-5:]) / 5 < 0.5 * records[0]["loss"]
+    m, meta = load_model(os.path.join(train.checkpoints(s3.run_dir)[-1], "ema.safetensors"))
+    assert meta["kind"] == "sparse" and meta["sampler"]["steps"] == 2
+    assert m.cfg.mask_plan == [1, 1, 2] and [b.attn.mask for b in m.blocks] == [1, 1, 2]
+
+
+def test_stage3_needs_a_plan():
+    with pytest.raises(ValueError, match="plan"):
+        train.load_config(os.path.join(ROOT, "configs", "stage3.yaml"), ["plan="])
+    with pytest.raises(ValueError, match="must be a list"):
+        train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), ["candidates=3"])
