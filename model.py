@@ -31,6 +31,7 @@ class ModelConfig:
     heads: int = 24
     mlp_ratio: float = 4.0
     qk_norm: bool = False
+    max_frames: int = 0                 # > 0: add a learned absolute embedding per latent frame (up to this many)
     text_dim: int = 4096                # width of the text embeddings the model reads
     text_len: int = 512                 # max text tokens
     text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
@@ -52,10 +53,11 @@ class ModelConfig:
 
 
 PRESETS = {
-    "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, text_dim=64, text_len=48,
+    "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, text_dim=64, text_len=48, max_frames=8,
                  text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
     "demo": dict(in_channels=3, patch_size=(1, 4, 4), hidden=256, depth=8, heads=4, mlp_ratio=2.5,
-                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True,
+                 max_frames=16),
     "osp12": dict(),  # the dataclass defaults are OSP-1.2: 32 x 2304 (24 heads x 96), patch 1x2x2, 4096-d text
 }
 
@@ -227,6 +229,9 @@ class DiT(nn.Module):
         D, pt, ph, pw = cfg.hidden, *cfg.patch_size
         self.patch_dim = cfg.in_channels * pt * ph * pw
         self.patch_embed = nn.Linear(self.patch_dim, D)
+        # RoPE alone is relative: a model trained with it alone learnt the axis of motion from "moving left"
+        # but not its sign; an absolute frame index makes "which frame comes first" a per-token fact
+        self.frame_embed = nn.Parameter(torch.zeros(cfg.max_frames, D)) if cfg.max_frames else None
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single
         self.text_encoder = ByteTextEncoder(cfg) if cfg.text_encoder == "bytes" else None
@@ -254,6 +259,8 @@ class DiT(nn.Module):
             nn.init.normal_(b.scale_shift_table, std=self.cfg.hidden ** -0.5)
             nn.init.zeros_(b.cross.proj.weight)
         nn.init.normal_(self.out_table, std=self.cfg.hidden ** -0.5)
+        if self.frame_embed is not None:
+            nn.init.normal_(self.frame_embed, std=0.02)
         nn.init.zeros_(self.out.weight)
         if self.text_encoder is not None:
             nn.init.normal_(self.text_encoder.embed.weight, std=0.02)
@@ -299,6 +306,10 @@ class DiT(nn.Module):
 
         x = rearrange(x, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         x = self.patch_embed(x)  # [B, N, D], frame-major tokens
+        if self.frame_embed is not None:
+            if grid[0] > self.cfg.max_frames:
+                raise ValueError(f"{grid[0]} latent frames, but this model embeds at most {self.cfg.max_frames}")
+            x = (x.unflatten(1, (grid[0], -1)) + self.frame_embed[: grid[0], None]).flatten(1, 2)
         N = x.shape[1]
         if self.sp_group is not None:
             x = parallel.shard_seq(x, self.sp_group)  # [B, ceil(N/P), D]: this rank's tokens (padded)
