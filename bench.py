@@ -1,7 +1,9 @@
 """Speed at Open-Sora-Plan 1.2 scale: the attention kernels alone and the whole model forward.
 
     python bench.py attention              # 29 and 93 frames at 720p, 24 x 96 heads, bf16 (GPU)
-    python bench.py model                  # osp12 forward, full plan vs sparse plans (GPU)
+    python bench.py model --compile        # osp12 forward: full plan vs plans of ~45% / ~55% sparsity
+    python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
+    python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
     python bench.py attention --tiny       # a CPU smoke run of the same code, tiny shapes
     python bench.py model --tiny --json out.json
 
@@ -106,48 +108,154 @@ def bench_attention(args):
     return rows
 
 
-def bench_model(args):
+def plan_for_sparsity(T, depth, target):
+    """A plan of mean frame-tile sparsity ~target: layers split between the two adjacent k that bracket it."""
+    sp = {k: 1 - density(T, k) for k in range(1, T + 1)}  # decreasing in k
+    hi = max((k for k in sp if sp[k] >= target), default=1)  # sparsest side
+    lo = min(hi + 1, T)
+    frac = 1.0 if sp[hi] == sp[lo] else (target - sp[lo]) / (sp[hi] - sp[lo])  # share of layers at `hi`
+    n_hi = round(min(max(frac, 0.0), 1.0) * depth)
+    plan = [hi] * n_hi + [lo] * (depth - n_hi)
+    return plan, sum(sp[k] for k in plan) / depth
+
+
+def osp_model(args, dev, dtype, latent_frames):
+    """The osp12 model (or a tiny stand-in) with random weights, and one input at 720p."""
     from model import DiT, model_config
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     if args.tiny:
-        cfg, latent, text_len = model_config("osp12", depth=2, hidden=64, heads=2, text_dim=32), (4, 4, 8, 8), 8
+        cfg, latent, text_len = model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32), (4, 4, 8, 8), 8
     else:
-        cfg, latent = model_config("osp12"), (4, args.frames, 90, 160)
-        text_len = 300
-    T = latent[1] // cfg.patch_size[0]
+        cfg, latent, text_len = model_config("osp12"), (4, latent_frames, 90, 160), 300
+    torch.manual_seed(0)
     with torch.device(dev):
         model = DiT(cfg).to(dtype).eval()
-    x = torch.randn(1, *latent, device=dev, dtype=dtype)
-    t = torch.rand(1, device=dev)
-    text = torch.randn(1, text_len, cfg.text_dim, device=dev, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *latent, generator=g).to(dev, dtype)
+    text = torch.randn(1, text_len, cfg.text_dim, generator=g).to(dev, dtype)
     mask = torch.ones(1, text_len, dtype=torch.bool, device=dev)
-    plans = {"full": ["full"], **{f"all {k}:{T - k}": [k] for k in (SPEC_MASKS.get(T, [1])[-1:])}}
+    return model, x, text, mask
+
+
+def model_plans(T, depth):
+    plans = {"full": (["full"], 0.0)}
+    for target in (0.45, 0.55):  # the paper's r = 0.1 and r = 0.4 points
+        plan, achieved = plan_for_sparsity(T, depth, target)
+        plans[f"~{int(100 * target)}% ({'/'.join(sorted({f'{k}:{T - k}' for k in plan}))})"] = (plan, achieved)
+    return plans
+
+
+def forward_ms(model, x, text, mask, args, batch=1):
+    x, text, mask = (torch.cat([a] * batch) for a in (x, text, mask))
+    t = torch.full((batch,), 0.5, device=x.device)
+    fn = torch.compile(model, dynamic=False) if args.compile else model
+    with torch.no_grad():
+        return timeit(lambda: fn(x, t, text, mask), warmup=2, repeat=args.repeat)
+
+
+def bench_model(args):
+    import model as model_lib
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    T = x.shape[2] // model.cfg.patch_size[0]
     rows = []
-    for name, plan in plans.items():
+    for name, (plan, sparsity) in model_plans(T, model.cfg.depth).items():
         model.set_mask_plan(plan)
-        with torch.no_grad():
-            ms = timeit(lambda: model(x, t, text, mask), warmup=2, repeat=5)
-        rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "frames": latent[1], "plan": name,
-                     "ms/forward": fmt(ms, 1)})
-    base = rows[0]["ms/forward"]
+        torch._dynamo.reset()
+        ms = forward_ms(model, x, text, mask, args)
+        real = model_lib.tile_attention
+        model_lib.tile_attention = lambda q, k, v, *a, **kw: q  # the same forward without self-attention
+        try:
+            torch._dynamo.reset()
+            rest = forward_ms(model, x, text, mask, args)
+        finally:
+            model_lib.tile_attention = real
+        rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "frames": f"{x.shape[2]} latent",
+                     "plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms/forward": fmt(ms, 1),
+                     "attention%": fmt(100 * (ms - rest) / ms, 1), "compiled": args.compile})
     for r in rows:
-        r["speedup"] = fmt(base / r["ms/forward"])
-    print_table(rows, ["model", "frames", "plan", "ms/forward", "speedup"])
+        r["speedup"] = fmt(rows[0]["ms/forward"] / r["ms/forward"])
+    print_table(rows, ["model", "frames", "plan", "sparsity%", "ms/forward", "attention%", "speedup", "compiled"])
     return rows
+
+
+def bench_e2e(args):
+    """Seconds per video = forwards x ms per forward (measured at batch 2 for CFG, 1 without), OSP-1.2 shape."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    T = x.shape[2] // model.cfg.patch_size[0]
+    plans = model_plans(T, model.cfg.depth)
+    recipes = [("base", args.base_steps, True, "full")] + [("student", args.student_steps, False, p) for p in plans]
+    rows = []
+    for name, steps, cfg, plan_name in recipes:
+        model.set_mask_plan(plans[plan_name][0])
+        torch._dynamo.reset()
+        ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
+        rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name,
+                     "s/video": fmt(steps * ms / 1e3, 2)})
+    for r in rows:
+        r["speedup"] = fmt(rows[0]["s/video"] / r["s/video"])
+    print_table(rows, ["recipe", "steps", "cfg", "plan", "s/video", "speedup"])
+    print("paper (OSP-1.2, 29f 720p): MLCD 5.00x, + r=0.1 7.05x, + r=0.4 7.80x")
+    return rows
+
+
+def bench_sp(args):
+    """Sequence-parallel scaling: run as a driver (spawns torchrun per GPU count) or, under torchrun, as a worker."""
+    import os
+    import subprocess
+    if "RANK" not in os.environ:
+        rows = []
+        for n in args.gpus:
+            out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
+                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat)]
+            cmd += ["--tiny"] if args.tiny else []
+            subprocess.run(cmd, check=True)
+            with open(out) as f:
+                rows += json.load(f)["rows"]
+        base = {r["plan"]: r["ms/forward"] for r in rows if r["gpus"] == 1}
+        for r in rows:
+            r["speedup"] = fmt(base[r["plan"]] / r["ms/forward"]) if r["plan"] in base else ""
+        print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"])
+        return rows
+    import parallel
+    env = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
+    dev, dtype = env.device, torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    torch.cuda.set_device(dev) if dev.type == "cuda" else None
+    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    model.enable_sequence_parallel(env.sp_group)
+    T = x.shape[2] // model.cfg.patch_size[0]
+    rows = []
+    for name, (plan, _) in list(model_plans(T, model.cfg.depth).items())[::2]:  # full and ~55%
+        model.set_mask_plan(plan)
+        parallel.barrier()
+        rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name,
+                     "ms/forward": fmt(forward_ms(model, x, text, mask, args), 1)})
+    if env.is_main and args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows}, f)
+    parallel.cleanup()
+    sys.exit(0)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["attention", "model"])
+    p.add_argument("mode", choices=["attention", "model", "e2e", "sp"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
-    p.add_argument("--frames", type=int, default=8, help="latent frames for `model` (8 = 29f, 24 = 93f)")
+    p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--base-steps", type=int, default=100)
+    p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")
+    p.add_argument("--gpus", type=int, nargs="*", default=[1, 2, 4], help="process counts for sp")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d")}
     print(f"# {args.mode} on {info['device']}, torch {info['torch']}, {info['date']}")
-    rows = {"attention": bench_attention, "model": bench_model}[args.mode](args)
+    rows = {"attention": bench_attention, "model": bench_model, "e2e": bench_e2e, "sp": bench_sp}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "mode": args.mode, "rows": rows}, f, indent=1)
