@@ -51,6 +51,16 @@ def resolve_k(entry, num_frames: int) -> int:
     return min(entry, num_frames)
 
 
+def load_plan(path: str) -> list:
+    """A mask plan from a YAML file with a `plan:` list (stage 2 writes one), e.g. `plan: [full, 2, 1, full]`."""
+    import yaml
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, dict) or not isinstance(doc.get("plan"), list):
+        raise ValueError(f"{path!r} has no `plan:` list")
+    return doc["plan"]
+
+
 def frame_mask(num_frames: int, num_global: int, device=None) -> torch.Tensor:
     """bool [T, T]: which frame tiles are kept."""
     ref = torch.zeros(num_frames, dtype=torch.bool, device=device)

@@ -140,15 +140,6 @@ def write_plan(path, rows, threshold, num_frames):
     return mean_sparsity
 
 
-def load_plan(path):
-    """A plan file written by stage 2 (or any YAML with a `plan:` list) -> list of entries."""
-    with open(path) as f:
-        doc = yaml.safe_load(f)
-    if not isinstance(doc, dict) or not isinstance(doc.get("plan"), list):
-        raise ValueError(f"{path!r} has no `plan:` list")
-    return doc["plan"]
-
-
 def _heat(x):
     """[h, w] in [0, 1] -> uint8 RGB [h, w, 3], black -> red -> yellow -> white."""
     x = x.clamp(0, 1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import parallel
-from attention import FULL, resolve_k, tile_attention
+from attention import FULL, load_plan, resolve_k, tile_attention
 
 
 @dataclass
@@ -56,8 +56,7 @@ PRESETS = {
     "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, text_dim=64, text_len=48, max_frames=16,
                  text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
     "demo": dict(in_channels=3, patch_size=(1, 4, 4), hidden=256, depth=8, heads=4, mlp_ratio=2.5,
-                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True,
-                 max_frames=16),
+                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
     "osp12": dict(),  # the dataclass defaults are OSP-1.2: 32 x 2304 (24 heads x 96), patch 1x2x2, 4096-d text
 }
 
@@ -73,7 +72,10 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
 
 
 def expand_plan(plan, depth: int) -> list:
-    """A mask plan: one entry per layer ("full" or k reference frames); a single entry applies to all."""
+    """A mask plan: one entry per layer ("full" or k reference frames), a single entry for all layers, or the
+    path of a YAML plan file (attention.load_plan)."""
+    if isinstance(plan, str) and plan.endswith((".yaml", ".yml")):
+        plan = load_plan(plan)
     if plan is None or isinstance(plan, (str, int)):
         plan = [plan if plan is not None else FULL]
     plan = list(plan)
@@ -229,8 +231,7 @@ class DiT(nn.Module):
         D, pt, ph, pw = cfg.hidden, *cfg.patch_size
         self.patch_dim = cfg.in_channels * pt * ph * pw
         self.patch_embed = nn.Linear(self.patch_dim, D)
-        # RoPE alone is relative: a model trained with it alone learnt the axis of motion from "moving left"
-        # but not its sign; an absolute frame index makes "which frame comes first" a per-token fact
+        # optional: RoPE is relative; an absolute frame index makes "which frame comes first" a per-token fact
         self.frame_embed = nn.Parameter(torch.zeros(cfg.max_frames, D)) if cfg.max_frames else None
         self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single

@@ -31,7 +31,7 @@ import distill
 import flow
 import parallel
 from data import ShardDataset, collate, moving_shapes_batch
-from attention import density, resolve_k
+from attention import density, load_plan, resolve_k
 from model import DiT, load_model, model_config, num_params, save_model
 
 
@@ -373,7 +373,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     else:
         model = DiT(model_config(cfg.model, **cfg.model_args))
     if cfg.stage == 3:
-        model.set_mask_plan(distill.load_plan(cfg.plan))
+        model.set_mask_plan(load_plan(cfg.plan))
     model.to(device).train()
     model.enable_sequence_parallel(env.sp_group)
     ema = DiT(model.cfg).to(device).eval().requires_grad_(False)

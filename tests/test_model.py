@@ -120,6 +120,15 @@ def test_save_load_roundtrip(tmp_path):
         assert torch.equal(m(x, t, ids, mask), m2(x, t, ids, mask))
 
 
+def test_plan_from_a_file(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("plan: [full, 1]\n")
+    assert model_config("tiny", mask_plan=str(path)).mask_plan == ["full", 1]
+    path.write_text("layers: []\n")
+    with pytest.raises(ValueError, match="no `plan:` list"):
+        model_config("tiny", mask_plan=str(path))
+
+
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model preset"):
         model_config("huge")

@@ -7,7 +7,7 @@ import torch
 
 import distill
 import train
-from attention import FULL
+from attention import FULL, load_plan
 from model import DiT, load_model, model_config, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +70,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, monkeypatch):
     assert len(rows) == 3
     for name in ("plan.yaml", "tile_maps.png", "plan.png"):
         assert os.path.getsize(tmp_path / "s2" / name) > 0
-    plan = distill.load_plan(str(tmp_path / "s2" / "plan.yaml"))
+    plan = load_plan(str(tmp_path / "s2" / "plan.yaml"))
     assert plan == [r["k"] for r in rows]
 
     # stage 3 on a fixed batch so that the curve shows learning, with a plan sparse in every layer
