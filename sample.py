@@ -38,6 +38,9 @@ def sampler_settings(meta: dict, steps=None, cfg=None) -> dict:
 def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, progress=False):
     """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
     s = sampler_settings(meta, steps, cfg)
+    if model.text_encoder is None:
+        raise ValueError("this checkpoint reads precomputed text embeddings (text_encoder: none); sample.py can "
+                         "only prompt models with their own byte-level text encoder")
     device = next(model.parameters()).device
     shape = meta.get("video_shape")
     if shape is None:

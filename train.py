@@ -391,6 +391,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     if found:
         start = load_checkpoint(found[-1], model, ema, opt)
     dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
+    if dataset is not None:
+        need = "caption" if model.text_encoder is not None else "text_emb"
+        if need not in dataset[0]:
+            raise ValueError(f"the shards in {cfg.data!r} have no {need!r}, which a model with text_encoder="
+                             f"{model.cfg.text_encoder!r} reads (see data.py for the shard format)")
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
     meta = checkpoint_meta(cfg, shape, init_meta)

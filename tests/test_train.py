@@ -144,3 +144,13 @@ def test_export_and_sample_cli(tmp_path):
                      (["--prompt", "a", "--checkpoint", "nope.safetensors"], "no checkpoint")]:
         r = run(*bad)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shards_without_what_the_model_reads_are_a_clear_error(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(str(folder / "shard-00000.safetensors"), torch.randn(2, 4, 2, 8, 8), captions=["a", "b"])
+    cfg = cfg_for(tmp_path, f"data={folder}", "steps=1", "model_args.in_channels=4",
+                  "model_args.text_encoder=none", "model_args.text_dim=16")
+    with pytest.raises(ValueError, match="no 'text_emb'"):
+        train.train(cfg)
