@@ -76,8 +76,9 @@ def mlcd_loss(student_fn, teacher_fn, target_fn, x0, eps, t, num_segments: int, 
 # Stage 2: layer-wise mask search
 
 class AttentionProbe:
-    """Observer for every layer (model.SelfAttention.observer): accumulates, per candidate k, the squared
-    deviation of the sparse output from the full one, and the attention mass per frame-to-frame tile."""
+    """Observer for every layer (model.SelfAttention.observer) of a model running full attention: accumulates,
+    per candidate k, the squared deviation of the sparse output from the layer's full output, and the
+    attention mass per frame-to-frame tile."""
 
     def __init__(self, candidates, depth, num_frames):
         self.candidates = list(candidates)
@@ -88,7 +89,7 @@ class AttentionProbe:
 
     def observer(self, layer):
         def observe(q, k, v, out, num_frames):
-            full = tile_attention(q, k, v, num_frames, num_frames)  # this layer under full attention
+            full = out  # the layer's own output, under full attention
             self.sq_ref[layer] += full.double().pow(2).sum().cpu()
             for j, kk in enumerate(self.candidates):
                 self.sq_err[layer, j] += (tile_attention(q, k, v, num_frames, kk) - full).double().pow(2).sum().cpu()

@@ -322,6 +322,7 @@ def mask_search(cfg, env):
     from data import validation_prompts
     from sample import generate
     model, meta = load_model(cfg.init, env.device)
+    model.set_mask_plan(["full"])  # errors are measured against full attention
     T = meta["video_shape"][1] // model.cfg.patch_size[0]
     candidates = sorted(cfg.candidates) or list(range(1, T))
     probe = distill.AttentionProbe(candidates, model.cfg.depth, T)

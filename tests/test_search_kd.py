@@ -22,8 +22,9 @@ def test_search_picks_full_for_spread_attention_and_sparse_for_frame_local():
     local = torch.zeros(1, 2, T * S, D)
     local[..., :T] = 30.0 * torch.nn.functional.one_hot(frame, T).float()  # q.k large only within a frame
     probe = distill.AttentionProbe([1, 2, 3], depth=2, num_frames=T)
-    probe.observer(0)(spread_q, spread_q, v, None, T)
-    probe.observer(1)(local, local, v, None, T)
+    sdpa = torch.nn.functional.scaled_dot_product_attention  # the layers' own outputs under full attention
+    probe.observer(0)(spread_q, spread_q, v, sdpa(spread_q, spread_q, v), T)
+    probe.observer(1)(local, local, v, sdpa(local, local, v), T)
     errors = probe.errors()
     assert errors[0].min() > 0.2 and errors[1].max() < 1e-3
     assert distill.choose_plan(errors, [1, 2, 3], 0.1) == [FULL, 1]
