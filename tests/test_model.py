@@ -146,3 +146,12 @@ def test_clear_errors(tmp_path):
     m = tiny()
     with pytest.raises(ValueError, match="does not fit"):
         m(torch.randn(1, 3, 2, 10, 10), torch.rand(1), *m.tokenize(["a"]))
+
+
+def test_whole_model_traces_without_graph_breaks():
+    import torch._dynamo
+    m = tiny(mask_plan=["full", 1])
+    x, t, ids, mask = inputs(m, T=4)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x, t, ids, mask)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
