@@ -8,6 +8,7 @@ import torch
 import distill
 import flow
 import train
+from conftest import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,13 +78,7 @@ def stage1_cfg(tmp_path, base, *extra):
         "size=16", "log_every=1", "warmup=1", "lr=3e-3", "compile=false", *extra])
 
 
-def test_tiny_stage1_loss_decreases(tmp_path, tiny_base, monkeypatch):
-    # a fixed batch, so that the loss curve shows learning rather than batch noise
-    fixed = {}
-    real = train.get_batch
-    monkeypatch.setattr(train, "get_batch", lambda cfg, m, d, step, *a: fixed.setdefault(0, real(cfg, m, d, 0, *a)))
-    real_gen = train.step_generator
-    monkeypatch.setattr(train, "step_generator", lambda cfg, step, rank, device: real_gen(cfg, 0, rank, device))
+def test_tiny_stage1_loss_decreases(tmp_path, tiny_base, one_fixed_batch):
     records = train.train(stage1_cfg(tmp_path, tiny_base, "steps=40", "ckpt_every=100", "target=stopgrad"))
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < 0.5 * first
@@ -103,19 +98,13 @@ def test_stage1_checkpoint_resumes_exactly_and_samples_in_k_steps(tmp_path, tiny
         train.train(crashed)
     monkeypatch.setattr(train, "get_batch", real)
     resumed = train.train(crashed)
-    a = {r["step"]: r["loss"] for r in train_log(straight.run_dir)}
+    a = {r["step"]: r["loss"] for r in read_log(straight.run_dir)}
     assert [r["step"] for r in resumed] == [3, 4]
     assert all(a[r["step"]] == r["loss"] for r in resumed)
     from model import load_model
     from sample import sampler_settings
     _, meta = load_model(os.path.join(train.checkpoints(crashed.run_dir)[-1], "ema.safetensors"))
     assert meta["kind"] == "mlcd" and sampler_settings(meta) == {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}
-
-
-def train_log(run_dir):
-    import json
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_stage1_needs_a_model_to_distil():

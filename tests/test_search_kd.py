@@ -64,7 +64,7 @@ def test_all_full_plan_reproduces_the_stage1_model(student):
         assert torch.equal(m(x, t, ids, mask), ref)
 
 
-def test_search_then_kd_end_to_end(tmp_path, student, monkeypatch):
+def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     s2 = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), [
         f"run_dir={tmp_path / 's2'}", f"init={student}", "calib_prompts=2", "calib_seeds=1", "threshold=0.4"])
     rows = train.train(s2)
@@ -74,12 +74,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, monkeypatch):
     plan = load_plan(str(tmp_path / "s2" / "plan.yaml"))
     assert plan == [r["k"] for r in rows]
 
-    # stage 3 on a fixed batch so that the curve shows learning, with a plan sparse in every layer
-    fixed = {}
-    real = train.get_batch
-    monkeypatch.setattr(train, "get_batch", lambda cfg, m, d, step, *a: fixed.setdefault(0, real(cfg, m, d, 0, *a)))
-    gen = train.step_generator
-    monkeypatch.setattr(train, "step_generator", lambda cfg, step, rank, device: gen(cfg, 0, rank, device))
+    # stage 3 (on one fixed batch) with a plan sparse in every layer
     (tmp_path / "plan.yaml").write_text("plan: [1, 1, 2]\n")
     s3 = train.load_config(os.path.join(ROOT, "configs", "stage3.yaml"), [
         f"run_dir={tmp_path / 's3'}", f"init={student}", f"plan={tmp_path / 'plan.yaml'}", "batch_size=4",

@@ -1,6 +1,5 @@
 """train.py end to end on the tiny model: overfitting, exact resume, config validation, NaN handling, the
 shard data path, export and sample.py."""
-import json
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from conftest import read_log
 from data import write_shard
 from model import load_model
 
@@ -21,11 +21,6 @@ def cfg_for(tmp_path, *overrides):
     base = [f"run_dir={tmp_path / 'run'}", "model=tiny", "batch_size=4", "log_every=1", "ckpt_every=2",
             "warmup=1", "compile=false"]
     return train.load_config(CONFIG, base + list(overrides))
-
-
-def logged(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_save_then_resume_gives_identical_next_steps(tmp_path, monkeypatch):
@@ -43,8 +38,8 @@ def test_save_then_resume_gives_identical_next_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "get_batch", real)
     records = train.train(crashed)  # the same command again resumes from ckpt-0000003
     assert [r["step"] for r in records] == [4, 5]
-    a = {r["step"]: r["loss"] for r in logged(straight.run_dir)}
-    b = {r["step"]: r["loss"] for r in logged(crashed.run_dir)}
+    a = {r["step"]: r["loss"] for r in read_log(straight.run_dir)}
+    b = {r["step"]: r["loss"] for r in read_log(crashed.run_dir)}
     assert a[4] == b[4] and a[5] == b[5]
     wa = load_file(os.path.join(straight.run_dir, "ckpt-0000005", "ema.safetensors"))
     wb = load_file(os.path.join(crashed.run_dir, "ckpt-0000005", "ema.safetensors"))
