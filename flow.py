@@ -14,13 +14,21 @@ def interpolate(x0, eps, t):
     return (1 - t) * x0 + t * eps
 
 
-def sample_t(n, generator=None, device=None, dist="logit_normal"):
-    """Training times in (0, 1): logit-normal (SD3) puts more weight on the middle of the path."""
+def shift_t(t, shift: float):
+    """SD3's time shift: shift > 1 moves times toward the noise end (t = 1), keeping 0 and 1 fixed."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_t(n, generator=None, device=None, dist="logit_normal", shift: float = 1.0):
+    """Training times in (0, 1): logit-normal (SD3) puts more weight on the middle of the path; shift > 1
+    trains more at high noise, where a video's global layout (and its motion) is decided."""
     if dist == "uniform":
-        return torch.rand(n, generator=generator, device=device)
-    if dist == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
-    raise ValueError(f"unknown t distribution {dist!r}: use 'uniform' or 'logit_normal'")
+        t = torch.rand(n, generator=generator, device=device)
+    elif dist == "logit_normal":
+        t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    else:
+        raise ValueError(f"unknown t distribution {dist!r}: use 'uniform' or 'logit_normal'")
+    return shift_t(t, shift)
 
 
 def flow_loss(velocity_fn, x0, t, eps):
@@ -40,8 +48,7 @@ def cfg_velocity(model, x, t, cond, uncond, scale: float):
 
 def time_grid(steps: int, device=None, shift: float = 1.0):
     """steps + 1 times from 1 to 0; shift > 1 spends more steps near the noise end (SD3's time shift)."""
-    t = torch.linspace(1, 0, steps + 1, device=device)
-    return shift * t / (1 + (shift - 1) * t)
+    return shift_t(torch.linspace(1, 0, steps + 1, device=device), shift)
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ class TrainConfig:
     ema: float = 0.999
     caption_dropout: float = 0.1         # for classifier-free guidance
     t_dist: str = "logit_normal"
+    t_shift: float = 1.0                 # > 1: train more at high noise (flow.shift_t)
     seed: int = 0
     log_every: int = 50
     ckpt_every: int = 1000
@@ -257,7 +258,7 @@ def learning_rate(cfg, step):
 
 def stage0_loss(model, cfg, x0, text, mask, g):
     """Rectified flow: regress the velocity eps - x0 at a random point of the straight path."""
-    t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist)
+    t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist, cfg.t_shift)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)
     return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
 

@@ -51,3 +51,6 @@ def test_sample_t():
         assert ((t > 0) & (t < 1)).all()
     with pytest.raises(ValueError):
         flow.sample_t(3, g, dist="beta")
+    plain = flow.sample_t(4000, torch.Generator().manual_seed(1))
+    shifted = flow.sample_t(4000, torch.Generator().manual_seed(1), shift=3.0)
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain)) and (shifted >= plain).all()
