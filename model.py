@@ -150,7 +150,7 @@ class SelfAttention(nn.Module):
             self.observer(q, k, v, o, num_frames)
         o = rearrange(o, "b h n d -> b n h d")
         if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
-            o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % dist_size(sp_group))), sp_group)
+            o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % parallel.group_size(sp_group))), sp_group)
         return self.proj(o.flatten(2))
 
 
@@ -275,9 +275,9 @@ class DiT(nn.Module):
 
     def enable_sequence_parallel(self, group):
         """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
-        if group is not None and self.cfg.heads % dist_size(group):
+        if group is not None and self.cfg.heads % parallel.group_size(group):
             raise ValueError(f"{self.cfg.heads} attention heads cannot be split over a sequence-parallel group "
-                             f"of {dist_size(group)}: choose sp_size dividing {self.cfg.heads}")
+                             f"of {parallel.group_size(group)}: choose sp_size dividing {self.cfg.heads}")
         self.sp_group = group
 
     def tokenize(self, prompts: list[str]):
@@ -325,10 +325,6 @@ class DiT(nn.Module):
             x = parallel.gather_seq(x, self.sp_group)[:, :N]
         return rearrange(x, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
                          t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw)
-
-
-def dist_size(group) -> int:
-    return torch.distributed.get_world_size(group)
 
 
 def num_params(model: nn.Module) -> int:

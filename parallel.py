@@ -89,6 +89,10 @@ def sequence_groups(world: int, sp_size: int):
 # ----------------------------------------------------------------------------------------------------------
 # Ulysses exchanges
 
+def group_size(group) -> int:
+    return dist.get_world_size(group)
+
+
 def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
     P = dist.get_world_size(group)
     send = torch.stack(x.chunk(P, dim=scatter_dim)).contiguous()  # [P, ...]: chunk i goes to rank i
