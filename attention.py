@@ -93,6 +93,11 @@ def density(num_frames: int, num_global: int) -> float:
     return frame_mask(num_frames, num_global).float().mean().item()
 
 
+def plan_sparsity(plan, num_frames: int) -> float:
+    """Mean frame-tile sparsity of a mask plan (one entry per layer) at T frames."""
+    return 1 - sum(density(num_frames, resolve_k(e, num_frames)) for e in plan) / len(plan)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # BlockMask from the frame structure
 

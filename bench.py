@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
-from attention import density, tile_attention, tile_block_mask, tile_dense_mask
+from attention import density, plan_sparsity, tile_attention, tile_block_mask, tile_dense_mask
 
 SPEC_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # SPEC section 1, Table 1
 FRAMES = {8: "29f", 24: "93f"}
@@ -116,7 +116,7 @@ def plan_for_sparsity(T, depth, target):
     frac = 1.0 if sp[hi] == sp[lo] else (target - sp[lo]) / (sp[hi] - sp[lo])  # share of layers at `hi`
     n_hi = round(min(max(frac, 0.0), 1.0) * depth)
     plan = [hi] * n_hi + [lo] * (depth - n_hi)
-    return plan, sum(sp[k] for k in plan) / depth
+    return plan, plan_sparsity(plan, T)
 
 
 def osp_model(args, dev, dtype, latent_frames):

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 import flow
-from attention import FULL, density, frame_mask, resolve_k, tile_attention
+from attention import FULL, density, frame_mask, plan_sparsity, resolve_k, tile_attention
 from data import to_image
 
 
@@ -40,8 +40,8 @@ def segment_start(t, num_segments: int):
     return torch.clamp(torch.ceil(t * num_segments) - 1, min=0) / num_segments
 
 
-def sample_segment_times(n, num_segments: int, generator=None, device=None):
-    """t uniform in (0, 1], so every segment is drawn equally often and t never sits on a segment start."""
+def sample_times(n, generator=None, device=None):
+    """t uniform in (0, 1]: every segment is drawn equally often and t never sits on a segment start (t = 0)."""
     return 1 - torch.rand(n, generator=generator, device=device)
 
 
@@ -132,7 +132,7 @@ def plan_report(plan, errors, candidates, num_frames):
 
 
 def write_plan(path, rows, threshold, num_frames):
-    mean_sparsity = 1 - sum(r["density"] for r in rows) / len(rows)
+    mean_sparsity = plan_sparsity([r["k"] for r in rows], num_frames)
     doc = {"threshold": threshold, "num_frames": num_frames, "mean_sparsity": round(mean_sparsity, 4),
            "metric": "relative L2 of the attention output vs full attention", "plan": [r["k"] for r in rows],
            "layers": rows}

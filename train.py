@@ -31,7 +31,7 @@ import distill
 import flow
 import parallel
 from data import ShardDataset, collate, moving_shapes_batch
-from attention import density, load_plan, resolve_k
+from attention import load_plan, plan_sparsity
 from model import DiT, load_model, model_config, num_params, save_model
 
 
@@ -265,7 +265,7 @@ def stage0_loss(model, cfg, x0, text, mask, g):
 
 def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
     """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump."""
-    t = distill.sample_segment_times(x0.shape[0], cfg.segments, g, x0.device)
+    t = distill.sample_times(x0.shape[0], g, x0.device)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)
     with torch.no_grad():
         cond, uncond = teacher.encode_text(text, mask), teacher.encode_text(null, null_mask)
@@ -279,7 +279,7 @@ def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
 def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g):
     """KD (distill.py): the sparse student matches the full-attention teacher's velocity and every layer's
     attention output on the same noisy input."""
-    t = 1 - torch.rand(x0.shape[0], generator=g, device=x0.device)
+    t = distill.sample_times(x0.shape[0], g, x0.device)
     x_t = flow.interpolate(x0, torch.randn(x0.shape, generator=g, device=x0.device), t)
     with torch.no_grad():
         v_teacher = teacher(x_t, t, text, mask)
@@ -350,8 +350,7 @@ def mask_search(cfg, env):
         print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
         for r in (0.025, 0.05, 0.1, 0.2, 0.4):
             p = distill.choose_plan(errors, candidates, r)
-            print(f"  r = {r:<5}: mean sparsity "
-                  f"{100 * (1 - sum(density(T, resolve_k(e, T)) for e in p) / len(p)):5.1f}%  plan {p}")
+            print(f"  r = {r:<5}: mean sparsity {100 * plan_sparsity(p, T):5.1f}%  plan {p}")
     return rows
 
 

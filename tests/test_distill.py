@@ -20,7 +20,7 @@ def point_mass(target):
 def test_segment_start():
     t = torch.tensor([1.0, 0.75, 0.74, 0.5, 0.26, 0.25, 0.01])
     assert torch.equal(distill.segment_start(t, 4), torch.tensor([0.75, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0]))
-    t = distill.sample_segment_times(10000, 4, torch.Generator().manual_seed(0))
+    t = distill.sample_times(10000, torch.Generator().manual_seed(0))
     assert ((t > 0) & (t <= 1)).all()
     counts = torch.bincount((distill.segment_start(t, 4) * 4).long(), minlength=4)
     assert counts.min() > 2300  # segments drawn about equally
@@ -40,7 +40,7 @@ def test_loss_is_zero_when_student_is_the_teacher_ode_map():
     g = torch.Generator().manual_seed(1)
     x_star, eps = torch.randn(4, 3, 6, dtype=torch.float64, generator=g), torch.randn(4, 3, 6, dtype=torch.float64, generator=g)
     field = point_mass(x_star)
-    t = distill.sample_segment_times(4, 4, g).double()
+    t = distill.sample_times(4, g).double()
     assert distill.mlcd_loss(field, field, field, x_star, eps, t, 4, 64, huber_c=1e-3).item() == pytest.approx(0, abs=1e-12)
     wrong = lambda x, tt: field(x, tt) * 1.1
     assert distill.mlcd_loss(wrong, field, field, x_star, eps, t, 4, 64).item() > 1e-3
