@@ -10,12 +10,13 @@ Judge, per frame: object = largest 8-connected blob of bright pixels (max channe
   colour and shape are majority votes over non-empty frames. Direction = dominant axis and sign of the
   centroid shift from the first to the last non-empty frame (y grows downwards, so "up" is y decreasing),
   None if that shift is under MIN_SHIFT of the frame side. area_spread = std / mean of blob area over frames.
-Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--json out.json]
+Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--shift 1 3] [--json out.json]
   scores a model on the fixed validation prompts: one row per (steps, cfg) setting, with forward passes and
   seconds per video on the device used.
 Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness beyond area_spread.
 """
 import argparse
+import itertools
 import json
 import re
 import time
@@ -154,6 +155,7 @@ def main():
     source.add_argument("--checkpoint", help="score a model's samples of the validation prompts")
     ap.add_argument("--steps", type=int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
     ap.add_argument("--cfg", type=float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
+    ap.add_argument("--shift", type=float, nargs="*", default=[None], help="sampling time shifts (default: checkpoint's)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
@@ -177,23 +179,22 @@ def evaluate_checkpoint(args):
     device = parallel.pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     prompts = validation_prompts(args.n, args.seed)
-    for steps in args.steps:
-        for cfg in args.cfg:
-            s = sampler_settings(meta, steps, cfg)
-            batches = iter(range(10**9))
-            sample_fn = lambda chunk: generate(model, meta, chunk, seed=args.seed * 7919 + next(batches),
-                                               steps=steps, cfg=cfg)
-            sample_fn(prompts[:1])  # warm-up, kept out of the timing
-            t0 = time.time()
-            result = evaluate_model(sample_fn, prompts, args.batch_size)
-            per_video = (time.time() - t0) / len(prompts)
-            row = {"checkpoint": args.checkpoint, "kind": meta.get("kind", "?"), "steps": s["steps"],
-                   "cfg": s["cfg"], "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2),
-                   **result, f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
-            print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}")
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    for steps, cfg, shift in itertools.product(args.steps, args.cfg, args.shift):
+        s = sampler_settings(meta, steps, cfg, shift)
+        batches = iter(range(10**9))
+        sample_fn = lambda chunk: generate(model, meta, chunk, seed=args.seed * 7919 + next(batches),
+                                           steps=steps, cfg=cfg, shift=shift)
+        sample_fn(prompts[:1])  # warm-up, kept out of the timing
+        t0 = time.time()
+        result = evaluate_model(sample_fn, prompts, args.batch_size)
+        per_video = (time.time() - t0) / len(prompts)
+        row = {"checkpoint": args.checkpoint, "kind": meta.get("kind", "?"), "steps": s["steps"], "cfg": s["cfg"],
+               "shift": s.get("shift", 1.0), "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2),
+               **result, f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
+        print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

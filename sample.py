@@ -25,19 +25,18 @@ from model import load_model
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
 
 
-def sampler_settings(meta: dict, steps=None, cfg=None) -> dict:
+def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
     s = dict(meta.get("sampler", {"name": "euler", "steps": 50, "cfg": 1.0, "shift": 1.0}))
-    if steps is not None:
-        s["steps"] = steps
-    if cfg is not None:
-        s["cfg"] = cfg
+    for key, value in (("steps", steps), ("cfg", cfg), ("shift", shift)):
+        if value is not None:
+            s[key] = value
     return s
 
 
 @torch.no_grad()
-def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, progress=False):
+def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, shift=None, progress=False):
     """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
-    s = sampler_settings(meta, steps, cfg)
+    s = sampler_settings(meta, steps, cfg, shift)
     if model.text_encoder is None:
         raise ValueError("this checkpoint reads precomputed text embeddings (text_encoder: none); sample.py can "
                          "only prompt models with their own byte-level text encoder")

@@ -84,6 +84,7 @@ class TrainConfig:
     candidates: list = field(default_factory=list)  # k values to try; empty: 1 .. T-1
     calib_prompts: int = 16
     calib_seeds: int = 2
+    sweep: list = field(default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.4])  # also write plan-r{r}.yaml
     # stage 3 (KD: `init` weights under `plan` learn from the same weights with full attention)
     plan: str = ""                       # a stage-2 plan.yaml
     kd_output_weight: float = 1.0
@@ -348,9 +349,12 @@ def mask_search(cfg, env):
             print(f"{r['layer']:>5} {r['mask']:>6} {r['error']:>8.4f} {r['density']:>8.3f}   "
                   + " ".join(f"{x:.3f}" for x in e))
         print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
-        for r in (0.025, 0.05, 0.1, 0.2, 0.4):
-            p = distill.choose_plan(errors, candidates, r)
-            print(f"  r = {r:<5}: mean sparsity {100 * plan_sparsity(p, T):5.1f}%  plan {p}")
+    for r in cfg.sweep:  # the same measurements under other thresholds (the paper's r sweep)
+        p = distill.choose_plan(errors, candidates, r)
+        distill.write_plan(os.path.join(cfg.run_dir, f"plan-r{r}.yaml"),
+                           distill.plan_report(p, errors, candidates, T), r, T)
+        if env.is_main:
+            print(f"  r = {r:<5}: mean sparsity {100 * plan_sparsity(p, T):5.1f}%  plan {p}  -> plan-r{r}.yaml")
     return rows
 
 
