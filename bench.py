@@ -4,6 +4,8 @@
     python bench.py model --compile        # osp12 forward: full plan vs plans of ~45% / ~55% sparsity
     python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
     python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
+    python bench.py plans --checkpoint checkpoints/mlcd.safetensors --plans runs/stage2/plan-r*.yaml
+                                           # a trained model at its own shape under stage-2 plans (CPU or GPU)
     python bench.py attention --tiny       # a CPU smoke run of the same code, tiny shapes
     python bench.py model --tiny --json out.json
 
@@ -201,6 +203,47 @@ def bench_e2e(args):
     return rows
 
 
+def bench_plans(args):
+    """A checkpoint at its own video shape under each plan (and full): all layers' self-attention (random q/k/v
+    of the real shape, each layer's mask) and the whole forward, in ms, with speedups over full attention.
+    The plans take turns within every repeat, so a slow spell of a shared machine hits them all alike."""
+    from attention import load_plan, resolve_k
+    from model import expand_plan, load_model
+    if not args.checkpoint:
+        sys.exit("plans mode needs --checkpoint (and --plans)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    model, meta = load_model(args.checkpoint, dev, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, *meta["video_shape"], generator=g).to(dev, dtype)
+    pt, ph, pw = model.cfg.patch_size
+    T, S = x.shape[2] // pt, x.shape[2] // pt * (x.shape[3] // ph) * (x.shape[4] // pw)
+    q, k, v = torch.randn(3, args.batch, model.cfg.heads, S, model.cfg.head_dim, generator=g).to(dev, dtype)
+    t = torch.full((args.batch,), 0.5, device=dev)
+    text, mask = (a.to(dev) for a in model.tokenize(["a red circle moving right"] * args.batch))
+    plans = [("full", ["full"])] + [(p, load_plan(p)) for p in args.plans]
+    ks = {name: [resolve_k(e, T) for e in expand_plan(plan, model.cfg.depth)] for name, plan in plans}
+    ms = {name: {"attention": [], "forward": []} for name, _ in plans}
+    with torch.inference_mode():
+        for i in range(args.repeat + 1):  # round 0 warms up
+            for name, plan in plans:
+                model.set_mask_plan(plan)
+                a = timeit(lambda: [tile_attention(q, k, v, T, kk) for kk in ks[name]], warmup=0, repeat=1)
+                f = timeit(lambda: model(x, t, text, mask), warmup=0, repeat=1)
+                if i:
+                    ms[name]["attention"].append(a)
+                    ms[name]["forward"].append(f)
+    rows = [{"plan": name, "sparsity%": fmt(100 * plan_sparsity(ks[name], T), 1),
+             "attention_ms": fmt(statistics.median(ms[name]["attention"])),
+             "forward_ms": fmt(statistics.median(ms[name]["forward"]), 1)} for name, _ in plans]
+    for r in rows:
+        r["attention_speedup"] = fmt(rows[0]["attention_ms"] / r["attention_ms"])
+        r["forward_speedup"] = fmt(rows[0]["forward_ms"] / r["forward_ms"])
+    print(f"{args.checkpoint}: {T} latent frames x {S // T} tokens, batch {args.batch}, {dtype}")
+    print_table(rows, ["plan", "sparsity%", "attention_ms", "attention_speedup", "forward_ms", "forward_speedup"])
+    return rows
+
+
 def bench_sp(args):
     """Sequence-parallel scaling: run as a driver (spawns torchrun per GPU count) or, under torchrun, as a worker."""
     import os
@@ -242,7 +285,7 @@ def bench_sp(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["attention", "model", "e2e", "sp"])
+    p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
     p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e)")
@@ -250,12 +293,16 @@ def main(argv=None):
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")
     p.add_argument("--gpus", type=int, nargs="*", default=[1, 2, 4], help="process counts for sp")
+    p.add_argument("--checkpoint", default=None, help="plans: a trained checkpoint")
+    p.add_argument("--plans", nargs="*", default=[], help="plans: stage-2 plan files")
+    p.add_argument("--batch", type=int, default=1, help="plans: videos per forward")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d")}
     print(f"# {args.mode} on {info['device']}, torch {info['torch']}, {info['date']}")
-    rows = {"attention": bench_attention, "model": bench_model, "e2e": bench_e2e, "sp": bench_sp}[args.mode](args)
+    rows = {"attention": bench_attention, "model": bench_model, "e2e": bench_e2e, "sp": bench_sp,
+            "plans": bench_plans}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "mode": args.mode, "rows": rows}, f, indent=1)

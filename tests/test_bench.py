@@ -30,3 +30,18 @@ def test_plan_for_sparsity(T, target):
     plan, achieved = bench.plan_for_sparsity(T, 32, target)
     assert len(plan) == 32 and abs(achieved - target) < 0.02
     assert achieved == pytest.approx(sum(1 - density(T, k) for k in plan) / 32)
+
+
+def test_plans_mode_on_a_checkpoint(tmp_path):
+    from model import DiT, model_config, save_model
+    m = DiT(model_config("tiny"))
+    ckpt = str(tmp_path / "m.safetensors")
+    save_model(ckpt, m.state_dict(), m.cfg, {"video_shape": [3, 4, 16, 16]})
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("plan: [1, 2]\n")
+    out = tmp_path / "plans.json"
+    bench.main(["plans", "--checkpoint", ckpt, "--plans", str(plan), "--repeat", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["plan"] for r in rows] == ["full", str(plan)]
+    assert rows[0]["sparsity%"] == 0 and rows[1]["sparsity%"] == pytest.approx(100 * (1 - (density(4, 1) + density(4, 2)) / 2), abs=0.1)
+    assert all(r["attention_ms"] > 0 and r["forward_ms"] > 0 for r in rows)
