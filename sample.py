@@ -1,7 +1,8 @@
 """Sample a video from a checkpoint and write it as an animated GIF.
 
-    python sample.py --prompt "a red circle moving right"
-    python sample.py --prompt "a cyan square moving up" --steps 50 --cfg 5 --seed 1 --out cyan.gif
+    python sample.py --prompt "a red circle moving right"            # the efficient model: 4 steps, sparse
+    python sample.py --prompt "a cyan square moving up" --model base  # the base model: 50 guided steps
+    python sample.py --prompt "..." --model base --steps 20 --cfg 3 --seed 1 --out cyan.gif
     python sample.py --prompt "..." --checkpoint runs/stage0/ckpt-0012000/ema.safetensors
     torchrun --nproc_per_node 4 sample.py --prompt "..."     # sequence parallel over 4 processes
 
@@ -22,7 +23,9 @@ import parallel
 from data import to_image, to_uint8
 from model import load_model
 
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "base.safetensors")
+# the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
+SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", f"{name}.safetensors")
+           for name in ("efficient", "mlcd", "base")}
 
 
 def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
@@ -33,7 +36,7 @@ def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
     return s
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, shift=None, progress=False):
     """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
     s = sampler_settings(meta, steps, cfg, shift)
@@ -68,13 +71,17 @@ def save_gif(video, path: str, scale: int = 8, fps: int = 8):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample a video from a text prompt.")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--model", choices=list(SHIPPED), default="efficient",
+                   help="a shipped checkpoint: efficient (stage 3: 4 steps, sparse attention), mlcd (stage 1: "
+                        "4 steps), base (stage 0: 50 steps with guidance)")
+    p.add_argument("--checkpoint", default=None, help="any other checkpoint file (instead of --model)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="sample.gif")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     args = p.parse_args(argv)
+    args.checkpoint = args.checkpoint or SHIPPED[args.model]
     if not args.prompt.strip():
         p.error("--prompt is empty")
     if args.steps is not None and args.steps < 1:

@@ -141,6 +141,21 @@ def test_export_and_sample_cli(tmp_path):
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
 
 
+def test_shipped_checkpoints_sample_with_no_flags(tmp_path):
+    """The README's second command: the default (efficient) model and --model base both load and write a GIF
+    (one step each here, to stay quick)."""
+    from model import read_metadata
+    from sample import SHIPPED
+    assert read_metadata(SHIPPED["efficient"])["kind"] == "sparse"
+    assert read_metadata(SHIPPED["base"])["kind"] == "base" and read_metadata(SHIPPED["mlcd"])["kind"] == "mlcd"
+    for extra in ([], ["--model", "base"]):
+        gif = tmp_path / "v.gif"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a red circle moving left",
+                            "--steps", "1", "--out", str(gif), *extra], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and gif.exists(), r.stderr
+        assert ("sparse model" if not extra else "base model") in r.stdout
+
+
 def test_shards_without_what_the_model_reads_are_a_clear_error(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
