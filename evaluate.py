@@ -10,10 +10,10 @@ Judge, per frame: object = largest 8-connected blob of bright pixels (max channe
   colour and shape are majority votes over non-empty frames. Direction = dominant axis and sign of the
   centroid shift from the first to the last non-empty frame (y grows downwards, so "up" is y decreasing),
   None if that shift is under MIN_SHIFT of the frame side. area_spread = std / mean of blob area over frames.
-Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--shift 1 3] [--plan P.yaml]
-      [--json out.json]
-  scores a model on the fixed validation prompts: one row per (steps, cfg) setting, with forward passes and
-  seconds per video on the device used.
+Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--shift 1 3]
+                          [--plan P.yaml] [--json out.json]
+  scores a model (optionally under a stage-2 mask plan) on the fixed validation prompts: one row per
+  (steps, cfg, shift) setting, with forward passes and seconds per video on the device used.
 Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness beyond area_spread.
 """
 import argparse
@@ -156,7 +156,8 @@ def main():
     source.add_argument("--checkpoint", help="score a model's samples of the validation prompts")
     ap.add_argument("--steps", type=int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
     ap.add_argument("--cfg", type=float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
-    ap.add_argument("--shift", type=float, nargs="*", default=[None], help="sampling time shifts (default: checkpoint's)")
+    ap.add_argument("--shift", type=float, nargs="*", default=[None],
+                    help="sampling time shifts (default: checkpoint's)")
     ap.add_argument("--plan", default=None, help="a stage-2 plan.yaml to apply to the checkpoint (no retraining)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default=None)
@@ -176,9 +177,9 @@ def main():
 
 def evaluate_checkpoint(args):
     import parallel
-    from sample import generate, sampler_settings
     from attention import load_plan
     from model import load_model
+    from sample import generate, sampler_settings
     device = parallel.pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     if args.plan:
@@ -193,9 +194,10 @@ def evaluate_checkpoint(args):
         t0 = time.time()
         result = evaluate_model(sample_fn, prompts, args.batch_size)
         per_video = (time.time() - t0) / len(prompts)
-        row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"), "steps": s["steps"], "cfg": s["cfg"],
-               "shift": s.get("shift", 1.0), "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2),
-               **result, f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
+        row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"),
+               "steps": s["steps"], "cfg": s["cfg"], "shift": s.get("shift", 1.0),
+               "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
+               f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
         print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
         if args.json:
             with open(args.json, "a") as f:
