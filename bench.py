@@ -4,6 +4,7 @@
     python bench.py model --compile        # osp12 forward: full plan vs plans of ~45% / ~55% sparsity
     python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
     python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
+    python bench.py sp --gpus 1 4 --profile  # ... with each forward's device time split: comm / attention / matmul
     python bench.py plans --checkpoint checkpoints/mlcd.safetensors --plans runs/stage2/plan-r*.yaml
                                            # a trained model at its own shape under stage-2 plans (CPU or GPU)
     python bench.py attention --tiny       # a CPU smoke run of the same code, tiny shapes
@@ -146,12 +147,44 @@ def model_plans(T, depth):
     return plans
 
 
-def forward_ms(model, x, text, mask, args, batch=1):
+def model_call(model, x, text, mask, args, batch=1):
+    """-> a function of no arguments that runs one forward (compiled with --compile)."""
     x, text, mask = (torch.cat([a] * batch) for a in (x, text, mask))
     t = torch.full((batch,), 0.5, device=x.device)
     fn = torch.compile(model, dynamic=False) if args.compile else model
-    with torch.no_grad():
-        return timeit(lambda: fn(x, t, text, mask), warmup=2, repeat=args.repeat)
+
+    def call():
+        with torch.no_grad():
+            return fn(x, t, text, mask)
+    return call
+
+
+def forward_ms(model, x, text, mask, args, batch=1):
+    return timeit(model_call(model, x, text, mask, args, batch), warmup=2, repeat=args.repeat)
+
+
+_KINDS = [("comm", r"nccl|all_to_all|alltoall|gloo|c10d"),
+          ("attention", r"attention|fmha|flash|sdpa|cudnn"),
+          ("matmul", r"gemm|xmma|cutlass|nvjet|aten::(add|b)?mm$")]
+
+
+def profile_split(call):
+    """One profiled call: its own device time (GPU kernels; CPU ops on a CPU) in ms, split into
+    communication, attention, matmuls and the rest, by kernel / op name."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    call()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+    split = {f"{kind}_ms": 0.0 for kind, _ in _KINDS + [("other", "")]}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        kind = next((k for k, pattern in _KINDS if re.search(pattern, e.key, re.IGNORECASE)), "other")
+        split[f"{kind}_ms"] += us / 1e3
+    return {k: fmt(v, 1) for k, v in split.items()}
 
 
 def bench_model(args):
@@ -254,14 +287,16 @@ def bench_sp(args):
             out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
                    "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat)]
-            cmd += ["--tiny"] if args.tiny else []
+            cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
+                                          ("--profile", args.profile)) if on]
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 rows += json.load(f)["rows"]
         base = {r["plan"]: r["ms/forward"] for r in rows if r["gpus"] == 1}
         for r in rows:
             r["speedup"] = fmt(base[r["plan"]] / r["ms/forward"]) if r["plan"] in base else ""
-        print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"])
+        split = [f"{kind}_ms" for kind, _ in _KINDS + [("other", "")]] if args.profile else []
+        print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"] + split)
         return rows
     import parallel
     env = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
@@ -276,6 +311,8 @@ def bench_sp(args):
         parallel.barrier()
         rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name,
                      "ms/forward": fmt(forward_ms(model, x, text, mask, args), 1)})
+        if args.profile:  # rank 0's device time by kind (its NCCL time includes waiting for the others)
+            rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
     if env.is_main and args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f)
@@ -288,7 +325,8 @@ def main(argv=None):
     p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
     p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
+    p.add_argument("--profile", action="store_true", help="sp: split one forward's device time by kind")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")

@@ -20,9 +20,11 @@ def test_modes_run_tiny_on_cpu(mode, tmp_path):
 
 def test_sp_mode_spawns_torchrun_tiny(tmp_path):
     out = tmp_path / "sp.json"
-    bench.main(["sp", "--tiny", "--gpus", "1", "2", "--repeat", "1", "--json", str(out)])
+    bench.main(["sp", "--tiny", "--gpus", "1", "2", "--repeat", "1", "--profile", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert sorted({r["gpus"] for r in rows}) == [1, 2]
+    # the profile finds the all-to-alls only where there are two processes, and attention and matmuls in both
+    assert all((r["comm_ms"] > 0) == (r["gpus"] == 2) and r["attention_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("T,target", [(8, 0.45), (8, 0.55), (24, 0.45), (24, 0.55)])
