@@ -53,8 +53,8 @@ class ModelConfig:
 
 
 PRESETS = {
-    "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, text_dim=64, text_len=48, max_frames=16,
-                 text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+    "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, max_frames=16,
+                 text_dim=64, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
     "demo": dict(in_channels=3, patch_size=(1, 4, 4), hidden=256, depth=8, heads=4, mlp_ratio=2.5, max_frames=16,
                  text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
     "osp12": dict(),  # the dataclass defaults are OSP-1.2: 32 x 2304 (24 heads x 96), patch 1x2x2, 4096-d text

@@ -31,7 +31,7 @@ import distill
 import flow
 import parallel
 from data import ShardDataset, collate, moving_shapes_batch
-from attention import load_plan, plan_sparsity
+from attention import load_plan
 from model import DiT, load_model, model_config, num_params, save_model
 
 
@@ -303,7 +303,7 @@ def make_objective(cfg, model, net, ema, env):
         return lambda x0, text, mask, g: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g)
     target = ema if cfg.target == "ema" else model
     def loss(x0, text, mask, g):
-        null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text.cpu()))
+        null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text))
         return stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g)
     return loss
 
@@ -351,10 +351,10 @@ def mask_search(cfg, env):
         print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
     for r in cfg.sweep:  # the same measurements under other thresholds (the paper's r sweep)
         p = distill.choose_plan(errors, candidates, r)
-        distill.write_plan(os.path.join(cfg.run_dir, f"plan-r{r}.yaml"),
-                           distill.plan_report(p, errors, candidates, T), r, T)
+        sparsity = distill.write_plan(os.path.join(cfg.run_dir, f"plan-r{r}.yaml"),
+                                      distill.plan_report(p, errors, candidates, T), r, T)
         if env.is_main:
-            print(f"  r = {r:<5}: mean sparsity {100 * plan_sparsity(p, T):5.1f}%  plan {p}  -> plan-r{r}.yaml")
+            print(f"  r = {r:<5}: mean sparsity {100 * sparsity:5.1f}%  plan {p}  -> plan-r{r}.yaml")
     return rows
 
 
