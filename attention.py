@@ -8,12 +8,16 @@ k = T is full attention.
     tile_block_mask   the same mask as a FlexAttention BlockMask, built from the frame structure (no N x N tensor)
     tile_attention    one self-attention call: dense SDPA when the mask is full, else the chosen sparse backend
 
-Sparse backends (both exact, tested against SDPA with the dense mask):
-    "flex"  compiled flex_attention with the cached BlockMask
-    "tile"  the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
-            frame over its own keys plus the reference keys, batched over frames. The default ("auto"): on an
-            H100 it beats flex for every mask of the paper's Table 1 (BENCHMARKS.md), it needs no compile on
-            CPU, and it has a backward on every device.
+Sparse backends (all exact, tested against SDPA with the dense mask):
+    "flex"   compiled flex_attention with the cached BlockMask
+    "tile"   the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
+             frame over its own keys plus the reference keys (gathered per frame), batched over frames
+    "merge"  the same split without the per-frame gather: every other frame attends to its own keys (frames
+             folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
+             merged by their log-sum-exps. No backward (the lse carries no gradient).
+    "auto"   (the default) "merge" when no gradient is needed, "tile" when one is. On an H100/H200 both beat
+             flex for every mask of the paper's Table 1 and "merge" beats "tile" (BENCHMARKS.md); on the CPU
+             "merge" is the fastest too, and neither needs a compiler.
 
 Not here: the mask search (distill.py) and sequence parallelism (parallel.py).
 """
@@ -162,36 +166,99 @@ def dense_attention(q, k, v, attn_mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
+def _frame_split(T: int, k: int, device) -> tuple:
+    """(reference frames, the other frames) as index tensors on the device. Eager calls reuse one pair per
+    (T, k, device), since a Python-list index would be copied to the GPU on every call; under torch.compile
+    they are graph constants."""
+    if torch.compiler.is_compiling():
+        return _frame_split_uncached(T, k, device)
+    return _frame_split_cached(T, k, str(device))
+
+
+def _frame_split_uncached(T: int, k: int, device) -> tuple:
+    ref = reference_frames(T, k)
+    rest = [f for f in range(T) if f not in set(ref)]
+    return torch.tensor(ref, device=device), torch.tensor(rest, device=device)
+
+
+_frame_split_cached = lru_cache(maxsize=64)(_frame_split_uncached)
+
+
 def tile_sdpa(q, k, v, num_frames: int, num_global: int):
     """The tile mask as dense kernels. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
     B, H, N, D = q.shape
     T, S = num_frames, N // num_frames
-    ref = reference_frames(T, num_global)
-    rest = [f for f in range(T) if f not in set(ref)]
+    ref, rest = _frame_split(T, num_global, q.device)
+    R, F_ = len(ref), len(rest)
     q5, k5, v5 = (x.unflatten(2, (T, S)) for x in (q, k, v))  # [B, H, T, S, D]
     out = torch.empty_like(q5)
     # reference-frame queries attend to every key
-    out[:, :, ref] = dense_attention(q5[:, :, ref].flatten(2, 3), k, v).unflatten(2, (len(ref), S))
-    if rest:
+    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (R, S)))
+    if F_:
         # every other frame: its own S keys then the k*S reference keys, frames folded into the batch
         def own_plus_ref(x5):  # -> [B*F, H, S + k*S, D]
-            xr = x5[:, :, ref].flatten(2, 3).unsqueeze(2).expand(B, H, len(rest), len(ref) * S, D)
-            return torch.cat([x5[:, :, rest], xr], dim=3).transpose(1, 2).flatten(0, 1)
-        qr = q5[:, :, rest].transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]
+            xr = x5.index_select(2, ref).flatten(2, 3).unsqueeze(2).expand(B, H, F_, R * S, D)
+            return torch.cat([x5.index_select(2, rest), xr], dim=3).transpose(1, 2).flatten(0, 1)
+        qr = q5.index_select(2, rest).transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]
         o = dense_attention(qr, own_plus_ref(k5), own_plus_ref(v5))
-        out[:, :, rest] = o.unflatten(0, (B, len(rest))).transpose(1, 2)
+        out.index_copy_(2, rest, o.unflatten(0, (B, F_)).transpose(1, 2))
+    return out.flatten(2, 3)
+
+
+def _attention_lse(q, k, v):
+    """Dense attention and its log-sum-exp per query (natural log, fp32, [B, H, Sq]). The lse carries no
+    gradient in these ops, so this is for inference only."""
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    elif torch.cuda.get_device_capability(q.device) >= (9, 0):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    return out, lse.reshape(q.shape[:-1]).float()
+
+
+def merge_sdpa(q, k, v, num_frames: int, num_global: int):
+    """The tile mask as three dense kernels and a log-sum-exp merge, with no key/value copied per frame:
+    reference-frame queries over all keys; every other frame over its own keys (frames folded into the batch)
+    and, in one call, over the reference keys; the two partial softmaxes merged by their log-sum-exps.
+    Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
+    B, H, N, D = q.shape
+    T, S = num_frames, N // num_frames
+    ref, rest = _frame_split(T, num_global, q.device)
+    R, F_ = len(ref), len(rest)
+    q5, k5, v5 = (x.unflatten(2, (T, S)) for x in (q, k, v))  # [B, H, T, S, D]
+    out = torch.empty_like(q5)
+    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (R, S)))
+    if F_:
+        q_rest, k_rest, v_rest = (x.index_select(2, rest) for x in (q5, k5, v5))  # [B, H, F, S, D]
+        by_frame = lambda x: x.transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]: a view when B == 1
+        o_own, lse_own = _attention_lse(by_frame(q_rest), by_frame(k_rest), by_frame(v_rest))
+        o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), *(x.index_select(2, ref).flatten(2, 3) for x in (k5, v5)))
+        o_own, lse_own = o_own.unflatten(0, (B, F_)).transpose(1, 2), lse_own.unflatten(0, (B, F_)).transpose(1, 2)
+        share = torch.sigmoid(lse_ref.unflatten(2, (F_, S)) - lse_own)  # softmax mass on the reference keys
+        out.index_copy_(2, rest, torch.lerp(o_own, o_ref.unflatten(2, (F_, S)), share.unsqueeze(-1).to(q.dtype)))
     return out.flatten(2, 3)
 
 
 def tile_attention(q, k, v, num_frames: int, num_global: int, backend: str = "auto"):
-    """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention."""
+    """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
+    "auto" runs "merge" when no gradient is needed (sampling, evaluation, the mask search) and "tile" when one
+    is (training): the fastest exact backend of each kind in BENCHMARKS.md, on GPU and CPU alike."""
     N = q.shape[2]
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
     if num_global >= num_frames:
         return dense_attention(q, k, v)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if backend == "auto":
+        backend = "tile" if needs_grad else "merge"
     if backend == "flex":
         return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_global, q.device))
-    if backend in ("tile", "auto"):
+    if backend == "tile":
         return tile_sdpa(q, k, v, num_frames, num_global)
-    raise ValueError(f"unknown attention backend {backend!r}: use 'auto', 'flex' or 'tile'")
+    if backend == "merge":
+        if needs_grad:
+            raise ValueError("the 'merge' backend has no backward (its log-sum-exp carries no gradient); "
+                             "train with 'tile' or 'auto'")
+        return merge_sdpa(q, k, v, num_frames, num_global)
+    raise ValueError(f"unknown attention backend {backend!r}: use 'auto', 'flex', 'tile' or 'merge'")

@@ -37,7 +37,7 @@ class ModelConfig:
     text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
     text_encoder_depth: int = 2
     mask_plan: list = field(default_factory=lambda: [FULL])  # per layer: "full" or k; one entry = all layers
-    attn_backend: str = "auto"          # sparse kernel: "auto", "flex" or "tile" (attention.py)
+    attn_backend: str = "auto"          # sparse kernel: "auto", "flex", "tile" or "merge" (attention.py)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)

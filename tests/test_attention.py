@@ -70,6 +70,31 @@ def test_tile_backend_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
         assert (a - b).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("T,S,k", CASES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
+    g = torch.Generator().manual_seed(T * S + k)
+    q, kk, v = (torch.randn(batch, 2, T * S, 16, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
+    with torch.no_grad():
+        assert (tile_attention(q, kk, v, T, k, backend="merge") - ref).abs().max().item() < 1e-5
+
+
+def test_auto_backend_is_merge_for_inference_and_tile_for_training(monkeypatch):
+    import attention
+    seen = []
+    for name in ("merge_sdpa", "tile_sdpa"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
+    q, kk, v = qkv(4 * 30, grad=True)
+    with torch.no_grad():
+        tile_attention(q, kk, v, 4, 1)
+    tile_attention(q, kk, v, 4, 1).sum().backward()  # the training path has a backward
+    assert seen == ["merge_sdpa", "tile_sdpa"] and q.grad is not None
+    with pytest.raises(ValueError, match="no backward"):
+        tile_attention(q, kk, v, 4, 1, backend="merge")
+
+
 def test_block_mask_equals_dense_mask_blockwise():
     """Every 128x128 block the BlockMask skips is all-False in the dense mask; every 'full' block is all-True."""
     T, S, k = 6, 100, 2
@@ -117,7 +142,7 @@ def test_no_recompile_across_masks_of_one_shape():
 
 def test_full_plan_entry_runs_plain_sdpa():
     q, kk, v = qkv(4 * 30)
-    for backend in ("flex", "tile"):
+    for backend in ("flex", "tile", "merge"):
         assert torch.equal(tile_attention(q, kk, v, 4, 4, backend), F.scaled_dot_product_attention(q, kk, v))
 
 

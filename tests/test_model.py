@@ -37,7 +37,7 @@ def sdpa_reference(num_frames_plan):
 
 
 @pytest.mark.parametrize("plan", [["full"], [1, 2], ["full", "1:3"]])
-@pytest.mark.parametrize("backend", ["tile", "flex"])
+@pytest.mark.parametrize("backend", ["tile", "merge", "flex"])
 def test_model_equals_sdpa_reference(plan, backend, monkeypatch):
     m = tiny(attn_backend=backend)
     m.set_mask_plan(plan)
