@@ -95,10 +95,11 @@ def group_size(group) -> int:
 
 def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
     P = dist.get_world_size(group)
-    send = torch.stack(x.chunk(P, dim=scatter_dim)).contiguous()  # [P, ...]: chunk i goes to rank i
+    send = x.unflatten(scatter_dim, (P, -1)).movedim(scatter_dim, 0).contiguous()  # [P, ...]: i goes to rank i
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return torch.cat(recv.unbind(0), dim=gather_dim)  # chunks from ranks 0..P-1, in order
+    # chunks from ranks 0..P-1, in order (a view with batch 1, where torch.cat would copy)
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
 class _AllToAll(torch.autograd.Function):

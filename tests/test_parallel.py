@@ -46,6 +46,9 @@ def _worker(rank, world, port, plans):
             out.square().sum().backward()
             err = (out - ref).abs().max().item()
             assert err < 1e-5, f"plan {plan}: forward differs by {err}"
+            with torch.no_grad():  # inference takes the merge backend
+                err = (m(x, t, ids, mask) - ref).abs().max().item()
+            assert err < 1e-5, f"plan {plan}: inference forward differs by {err}"
             for n, p in m.named_parameters():  # each rank holds its tokens' share of every gradient
                 dist.all_reduce(p.grad)
                 gerr = (p.grad - ref_grads[n]).abs().max().item()
