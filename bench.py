@@ -96,18 +96,19 @@ def bench_attention(args):
             sl = slice(0, 1)
             ref = F.scaled_dot_product_attention(q[:, sl].float(), k[:, sl].float(), v[:, sl].float(),
                                                  attn_mask=tile_dense_mask(T, S, kk, dev)) if N <= 30000 else None
-            for backend in ("flex", "tile"):
+            for backend in ("flex", "tile", "merge"):
                 fn = lambda: tile_attention(q, k, v, T, kk, backend)
                 ms = timeit(fn)
                 err = (fn()[:, sl].float() - ref).abs().max().item() if ref is not None else float("nan")
-                rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": backend, "mask": f"{kk}:{T - kk}",
+                split = profile_split(fn) if args.profile else {}
+                rows.append({**split, "frames": FRAMES.get(T, T), "tokens": N, "kernel": backend, "mask": f"{kk}:{T - kk}",
                              "ms": fmt(ms), "sparsity%": fmt(bm.sparsity()), "speedup": fmt(best / ms),
                              "ideal": fmt(1 / dens), "%ideal": fmt(100 * best / ms * dens, 1),
                              "line_ms": fmt(best * dens), "TFLOP/s": fmt(flops * dens / ms / 1e9, 1),
                              "max_err": f"{err:.1e}"})
             del ref
     print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%ideal",
-                       "line_ms", "TFLOP/s", "max_err"])
+                       "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
     return rows
 
 
@@ -129,6 +130,7 @@ def osp_model(args, dev, dtype, latent_frames):
         cfg, latent, text_len = model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32), (4, 4, 8, 8), 8
     else:
         cfg, latent, text_len = model_config("osp12"), (4, latent_frames, 90, 160), 300
+    cfg.attn_backend = args.backend
     torch.manual_seed(0)
     with torch.device(dev):
         model = DiT(cfg).to(dtype).eval()
@@ -147,11 +149,21 @@ def model_plans(T, depth):
     return plans
 
 
+def compile_blocks(model):
+    """Regional compilation: each transformer block is compiled on its own (nn.Module.compile), and the
+    identical blocks share one compiled graph per mask entry, so a 32-layer model compiles in the time of one
+    block. The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward)."""
+    for block in model.blocks:
+        if getattr(block, "_compiled_call_impl", None) is None:
+            block.compile(dynamic=False)
+    return model
+
+
 def model_call(model, x, text, mask, args, batch=1):
-    """-> a function of no arguments that runs one forward (compiled with --compile)."""
+    """-> a function of no arguments that runs one forward (blocks compiled with --compile)."""
     x, text, mask = (torch.cat([a] * batch) for a in (x, text, mask))
     t = torch.full((batch,), 0.5, device=x.device)
-    fn = torch.compile(model, dynamic=False) if args.compile else model
+    fn = compile_blocks(model) if args.compile else model
 
     def call():
         with torch.no_grad():
@@ -164,7 +176,7 @@ def forward_ms(model, x, text, mask, args, batch=1):
 
 
 _KINDS = [("comm", r"nccl|all_to_all|alltoall|gloo|c10d"),
-          ("attention", r"attention|fmha|flash|sdpa|cudnn"),
+          ("attention", r"attention|fmha|flash|sdpa|cudnn|triton_tem"),
           ("matmul", r"gemm|xmma|cutlass|nvjet|aten::(add|b)?mm$")]
 
 
@@ -181,6 +193,8 @@ def profile_split(call):
             torch.cuda.synchronize()
     split = {f"{kind}_ms": 0.0 for kind, _ in _KINDS + [("other", "")]}
     for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # an op or compiled region on the CPU side: its kernels are counted as kernels
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         kind = next((k for k, pattern in _KINDS if re.search(pattern, e.key, re.IGNORECASE)), "other")
         split[f"{kind}_ms"] += us / 1e3
@@ -207,11 +221,39 @@ def bench_model(args):
             model_lib.tile_attention = real
         rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "frames": f"{x.shape[2]} latent",
                      "plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms/forward": fmt(ms, 1),
-                     "attention%": fmt(100 * (ms - rest) / ms, 1), "compiled": args.compile})
+                     "attention%": fmt(100 * (ms - rest) / ms, 1), "compiled": args.compile, "backend": args.backend})
+        if args.profile:
+            rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
     for r in rows:
         r["speedup"] = fmt(rows[0]["ms/forward"] / r["ms/forward"])
-    print_table(rows, ["model", "frames", "plan", "sparsity%", "ms/forward", "attention%", "speedup", "compiled"])
+    split = [f"{kind}_ms" for kind, _ in _KINDS + [("other", "")]] if args.profile else []
+    print_table(rows, ["model", "frames", "plan", "sparsity%", "ms/forward", "attention%", "speedup", "compiled",
+                       "backend"] + split)
     return rows
+
+
+def sampling_loop(model, x, text, mask, steps):
+    """-> a function of no arguments that samples one video as sample.py does (Euler, no guidance)."""
+    import flow
+    with torch.no_grad():
+        cond = model.encode_text(text, mask)
+    return lambda: flow.euler_sample(lambda z, t: flow.cfg_velocity(model, z, t, cond, cond, 1.0), x, steps)
+
+
+def host_syncs(fn) -> str:
+    """Runs fn() with CUDA's sync debug mode set to error: "none", or the first call that waited on the GPU."""
+    if not torch.cuda.is_available():
+        return "n/a (cpu)"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return "sync: " + str(e).splitlines()[0][:60]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
 
 
 def bench_e2e(args):
@@ -229,9 +271,13 @@ def bench_e2e(args):
         ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
         rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name,
                      "s/video": fmt(steps * ms / 1e3, 2)})
+        if not cfg:  # the student's whole sampling loop, timed as it runs, and checked for host syncs
+            loop = sampling_loop(model if not args.compile else compile_blocks(model), x, text, mask, steps)
+            rows[-1]["loop_s"] = fmt(timeit(loop, warmup=1, repeat=max(1, args.repeat // 2)) / 1e3, 2)
+            rows[-1]["host_sync"] = host_syncs(loop)
     for r in rows:
         r["speedup"] = fmt(rows[0]["s/video"] / r["s/video"])
-    print_table(rows, ["recipe", "steps", "cfg", "plan", "s/video", "speedup"])
+    print_table(rows, ["recipe", "steps", "cfg", "plan", "s/video", "speedup", "loop_s", "host_sync"])
     print("paper (OSP-1.2, 29f 720p): MLCD 5.00x, + r=0.1 7.05x, + r=0.4 7.80x")
     return rows
 
@@ -286,7 +332,7 @@ def bench_sp(args):
         for n in args.gpus:
             out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
-                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat)]
+                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend]
             cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
                                           ("--profile", args.profile)) if on]
             subprocess.run(cmd, check=True)
@@ -326,7 +372,10 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
     p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
-    p.add_argument("--profile", action="store_true", help="sp: split one forward's device time by kind")
+    p.add_argument("--profile", action="store_true",
+                   help="attention, sp: split one call's device time by kind (attention kernels, copies, ...)")
+    p.add_argument("--backend", default="auto", choices=["auto", "tile", "merge", "flex"],
+                   help="model/e2e/sp: the sparse attention backend of the model's layers (attention.py)")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")
