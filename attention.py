@@ -184,24 +184,33 @@ def _frame_split_uncached(T: int, k: int, device) -> tuple:
 _frame_split_cached = lru_cache(maxsize=64)(_frame_split_uncached)
 
 
-def tile_sdpa(q, k, v, num_frames: int, num_global: int):
-    """The tile mask as dense kernels. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
-    B, H, N, D = q.shape
-    T, S = num_frames, N // num_frames
+def _with_reference_rows(q, k, v, num_frames: int, num_global: int):
+    """The start shared by the dense rewrites: q, k, v as [B, H, T, S, D], the frame split, and the output
+    [B, H, T, S, D] with the reference frames' rows done (their queries attend to every key)."""
+    T = num_frames
     ref, rest = _frame_split(T, num_global, q.device)
-    R, F_ = len(ref), len(rest)
-    q5, k5, v5 = (x.unflatten(2, (T, S)) for x in (q, k, v))  # [B, H, T, S, D]
+    q5, k5, v5 = (x.unflatten(2, (T, -1)) for x in (q, k, v))
     out = torch.empty_like(q5)
-    # reference-frame queries attend to every key
-    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (R, S)))
-    if F_:
+    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (len(ref), -1)))
+    return q5, k5, v5, out, ref, rest
+
+
+def _by_frame(x5):
+    """[B, H, F, S, D] -> [B*F, H, S, D]: frames folded into the batch (a view when B == 1)."""
+    return x5.transpose(1, 2).flatten(0, 1)
+
+
+def tile_sdpa(q, k, v, num_frames: int, num_global: int):
+    """The tile mask as two dense kernels. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_global)
+    B, H, _, S, D = q5.shape
+    if len(rest):
         # every other frame: its own S keys then the k*S reference keys, frames folded into the batch
         def own_plus_ref(x5):  # -> [B*F, H, S + k*S, D]
-            xr = x5.index_select(2, ref).flatten(2, 3).unsqueeze(2).expand(B, H, F_, R * S, D)
-            return torch.cat([x5.index_select(2, rest), xr], dim=3).transpose(1, 2).flatten(0, 1)
-        qr = q5.index_select(2, rest).transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]
-        o = dense_attention(qr, own_plus_ref(k5), own_plus_ref(v5))
-        out.index_copy_(2, rest, o.unflatten(0, (B, F_)).transpose(1, 2))
+            xr = x5.index_select(2, ref).flatten(2, 3).unsqueeze(2).expand(B, H, len(rest), len(ref) * S, D)
+            return _by_frame(torch.cat([x5.index_select(2, rest), xr], dim=3))
+        o = dense_attention(_by_frame(q5.index_select(2, rest)), own_plus_ref(k5), own_plus_ref(v5))
+        out.index_copy_(2, rest, o.unflatten(0, (B, len(rest))).transpose(1, 2))
     return out.flatten(2, 3)
 
 
@@ -222,18 +231,13 @@ def merge_sdpa(q, k, v, num_frames: int, num_global: int):
     reference-frame queries over all keys; every other frame over its own keys (frames folded into the batch)
     and, in one call, over the reference keys; the two partial softmaxes merged by their log-sum-exps.
     Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
-    B, H, N, D = q.shape
-    T, S = num_frames, N // num_frames
-    ref, rest = _frame_split(T, num_global, q.device)
-    R, F_ = len(ref), len(rest)
-    q5, k5, v5 = (x.unflatten(2, (T, S)) for x in (q, k, v))  # [B, H, T, S, D]
-    out = torch.empty_like(q5)
-    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (R, S)))
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_global)
+    B, F_, S = q5.shape[0], len(rest), q5.shape[3]
     if F_:
         q_rest, k_rest, v_rest = (x.index_select(2, rest) for x in (q5, k5, v5))  # [B, H, F, S, D]
-        by_frame = lambda x: x.transpose(1, 2).flatten(0, 1)  # [B*F, H, S, D]: a view when B == 1
-        o_own, lse_own = _attention_lse(by_frame(q_rest), by_frame(k_rest), by_frame(v_rest))
-        o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), *(x.index_select(2, ref).flatten(2, 3) for x in (k5, v5)))
+        o_own, lse_own = _attention_lse(_by_frame(q_rest), _by_frame(k_rest), _by_frame(v_rest))
+        k_ref, v_ref = (x.index_select(2, ref).flatten(2, 3) for x in (k5, v5))
+        o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), k_ref, v_ref)
         o_own, lse_own = o_own.unflatten(0, (B, F_)).transpose(1, 2), lse_own.unflatten(0, (B, F_)).transpose(1, 2)
         share = torch.sigmoid(lse_ref.unflatten(2, (F_, S)) - lse_own)  # softmax mass on the reference keys
         out.index_copy_(2, rest, torch.lerp(o_own, o_ref.unflatten(2, (F_, S)), share.unsqueeze(-1).to(q.dtype)))

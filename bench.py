@@ -1,6 +1,6 @@
 """Speed at Open-Sora-Plan 1.2 scale: the attention kernels alone and the whole model forward.
 
-    python bench.py attention              # 29 and 93 frames at 720p, 24 x 96 heads, bf16 (GPU)
+    python bench.py attention --profile    # 29 and 93 frames at 720p, 24 x 96 heads, bf16 (GPU); every backend
     python bench.py model --compile        # osp12 forward: full plan vs plans of ~45% / ~55% sparsity
     python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
     python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
@@ -101,11 +101,11 @@ def bench_attention(args):
                 ms = timeit(fn)
                 err = (fn()[:, sl].float() - ref).abs().max().item() if ref is not None else float("nan")
                 split = profile_split(fn) if args.profile else {}
-                rows.append({**split, "frames": FRAMES.get(T, T), "tokens": N, "kernel": backend, "mask": f"{kk}:{T - kk}",
+                rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": backend, "mask": f"{kk}:{T - kk}",
                              "ms": fmt(ms), "sparsity%": fmt(bm.sparsity()), "speedup": fmt(best / ms),
                              "ideal": fmt(1 / dens), "%ideal": fmt(100 * best / ms * dens, 1),
                              "line_ms": fmt(best * dens), "TFLOP/s": fmt(flops * dens / ms / 1e9, 1),
-                             "max_err": f"{err:.1e}"})
+                             "max_err": f"{err:.1e}", **split})
             del ref
     print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%ideal",
                        "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
@@ -272,7 +272,7 @@ def bench_e2e(args):
         rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name,
                      "s/video": fmt(steps * ms / 1e3, 2)})
         if not cfg:  # the student's whole sampling loop, timed as it runs, and checked for host syncs
-            loop = sampling_loop(model if not args.compile else compile_blocks(model), x, text, mask, steps)
+            loop = sampling_loop(compile_blocks(model) if args.compile else model, x, text, mask, steps)
             rows[-1]["loop_s"] = fmt(timeit(loop, warmup=1, repeat=max(1, args.repeat // 2)) / 1e3, 2)
             rows[-1]["host_sync"] = host_syncs(loop)
     for r in rows:
@@ -373,7 +373,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
-                   help="attention, sp: split one call's device time by kind (attention kernels, copies, ...)")
+                   help="attention, model, sp: split one call's device time by kind (attention, matmul, ...)")
     p.add_argument("--backend", default="auto", choices=["auto", "tile", "merge", "flex"],
                    help="model/e2e/sp: the sparse attention backend of the model's layers (attention.py)")
     p.add_argument("--repeat", type=int, default=5)
