@@ -15,7 +15,8 @@ Sparse backends (all exact, tested against SDPA with the dense mask):
     "merge"  the same split without the per-frame gather: every other frame attends to its own keys (frames
              folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
              merged by their log-sum-exps. No backward (the lse carries no gradient).
-    "auto"   (the default) "merge" when no gradient is needed, "tile" when one is. On an H100/H200 both beat
+    "auto"   (the default) "merge" when no gradient is needed and a kernel returns the log-sum-exp (CPU; fp16 or
+             bf16 on sm80+ GPUs), "tile" otherwise (training, fp32 on GPU). On an H100/H200 both beat
              flex for every mask of the paper's Table 1 and "merge" beats "tile" (BENCHMARKS.md); on the CPU
              "merge" is the fastest too, and neither needs a compiler.
 
@@ -214,15 +215,31 @@ def tile_sdpa(q, k, v, num_frames: int, num_global: int):
     return out.flatten(2, 3)
 
 
+def _lse_kernel(q) -> str | None:
+    """The dense kernel that can return its log-sum-exp for these inputs, or None. Called directly, the
+    private cuDNN and Flash ops skip SDPA's input checks (cuDNN would run fp32 inputs through half-precision
+    kernels), so the checks are made here: cuDNN on sm90+ and Flash on sm80+ take fp16/bf16 with head dim
+    <= 128 (a multiple of 8); the CPU kernel takes anything."""
+    if not q.is_cuda:
+        return "cpu"
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 128:
+        return None
+    major, _ = torch.cuda.get_device_capability(q.device)
+    return "cudnn" if major >= 9 else "flash" if major >= 8 else None
+
+
 def _attention_lse(q, k, v):
     """Dense attention and its log-sum-exp per query (natural log, fp32, [B, H, Sq]). The lse carries no
     gradient in these ops, so this is for inference only."""
-    if not q.is_cuda:
+    kernel = _lse_kernel(q)
+    if kernel == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
-    elif torch.cuda.get_device_capability(q.device) >= (9, 0):
+    elif kernel == "cudnn":
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
-    else:
+    elif kernel == "flash":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    else:
+        raise ValueError(f"no log-sum-exp kernel for {q.dtype} head dim {q.shape[-1]} on {q.device}")
     return out, lse.reshape(q.shape[:-1]).float()
 
 
@@ -247,7 +264,7 @@ def merge_sdpa(q, k, v, num_frames: int, num_global: int):
 def tile_attention(q, k, v, num_frames: int, num_global: int, backend: str = "auto"):
     """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
     "auto" runs "merge" when no gradient is needed (sampling, evaluation, the mask search) and "tile" when one
-    is (training): the fastest exact backend of each kind in BENCHMARKS.md, on GPU and CPU alike."""
+    is (training) or when no kernel returns a log-sum-exp for these inputs (fp32 on a GPU)."""
     N = q.shape[2]
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
@@ -255,7 +272,7 @@ def tile_attention(q, k, v, num_frames: int, num_global: int, backend: str = "au
         return dense_attention(q, k, v)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if backend == "auto":
-        backend = "tile" if needs_grad else "merge"
+        backend = "tile" if needs_grad or _lse_kernel(q) is None else "merge"
     if backend == "flex":
         return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_global, q.device))
     if backend == "tile":

@@ -95,6 +95,17 @@ def test_auto_backend_is_merge_for_inference_and_tile_for_training(monkeypatch):
         tile_attention(q, kk, v, 4, 1, backend="merge")
 
 
+def test_merge_needs_a_log_sum_exp_kernel():
+    """The private cuDNN / Flash ops skip SDPA's checks, so fp32 or a large head dim on a GPU must not reach
+    them: auto falls back to tile there."""
+    from types import SimpleNamespace
+    import attention
+    cuda_like = lambda dtype, d: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 2, 64, d))
+    assert attention._lse_kernel(cuda_like(torch.float32, 64)) is None
+    assert attention._lse_kernel(cuda_like(torch.bfloat16, 256)) is None
+    assert attention._lse_kernel(torch.zeros(1, 2, 64, 256)) == "cpu"
+
+
 def test_block_mask_equals_dense_mask_blockwise():
     """Every 128x128 block the BlockMask skips is all-False in the dense mask; every 'full' block is all-True."""
     T, S, k = 6, 100, 2
