@@ -264,12 +264,13 @@ def stage0_loss(model, cfg, x0, text, mask, g):
     return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
 
 
-def stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g):
-    """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump."""
+def stage1_loss(net, teacher, target, cfg, x0, text, mask, uncond, g):
+    """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump.
+    uncond: the teacher's encoding of the empty caption (the same every step)."""
     t = distill.sample_times(x0.shape[0], g, x0.device)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)
     with torch.no_grad():
-        cond, uncond = teacher.encode_text(text, mask), teacher.encode_text(null, null_mask)
+        cond = teacher.encode_text(text, mask)
     return distill.mlcd_loss(
         student_fn=lambda x, tt: net(x, tt, text, mask),
         teacher_fn=lambda x, tt: flow.cfg_velocity(teacher, x, tt, cond, uncond, cfg.teacher_cfg),
@@ -302,9 +303,14 @@ def make_objective(cfg, model, net, ema, env):
         recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
         return lambda x0, text, mask, g: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g)
     target = ema if cfg.target == "ema" else model
+    uncond = {}  # batch size -> the teacher's encoding of the empty caption, computed once
+
     def loss(x0, text, mask, g):
-        null, null_mask = (x.to(device) for x in null_text(model, x0.shape[0], text))
-        return stage1_loss(net, teacher, target, cfg, x0, text, mask, null, null_mask, g)
+        n = x0.shape[0]
+        if n not in uncond:
+            with torch.no_grad():
+                uncond[n] = teacher.encode_text(*(x.to(device) for x in null_text(model, n, text)))
+        return stage1_loss(net, teacher, target, cfg, x0, text, mask, uncond[n], g)
     return loss
 
 
