@@ -178,6 +178,7 @@ def forward_ms(model, x, text, mask, args, batch=1):
 _KINDS = [("comm", r"nccl|all_to_all|alltoall|gloo|c10d"),
           ("attention", r"attention|fmha|flash|sdpa|cudnn|triton_tem"),
           ("matmul", r"gemm|xmma|cutlass|nvjet|aten::(add|b)?mm$")]
+SPLIT_COLS = [f"{kind}_ms" for kind, _ in _KINDS] + ["other_ms"]  # profile_split's keys
 
 
 def profile_split(call):
@@ -191,7 +192,7 @@ def profile_split(call):
         call()
         if cuda:
             torch.cuda.synchronize()
-    split = {f"{kind}_ms": 0.0 for kind, _ in _KINDS + [("other", "")]}
+    split = dict.fromkeys(SPLIT_COLS, 0.0)
     for e in prof.key_averages():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
             continue  # an op or compiled region on the CPU side: its kernels are counted as kernels
@@ -226,7 +227,7 @@ def bench_model(args):
             rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
     for r in rows:
         r["speedup"] = fmt(rows[0]["ms/forward"] / r["ms/forward"])
-    split = [f"{kind}_ms" for kind, _ in _KINDS + [("other", "")]] if args.profile else []
+    split = SPLIT_COLS if args.profile else []
     print_table(rows, ["model", "frames", "plan", "sparsity%", "ms/forward", "attention%", "speedup", "compiled",
                        "backend"] + split)
     return rows
@@ -341,7 +342,7 @@ def bench_sp(args):
         base = {r["plan"]: r["ms/forward"] for r in rows if r["gpus"] == 1}
         for r in rows:
             r["speedup"] = fmt(base[r["plan"]] / r["ms/forward"]) if r["plan"] in base else ""
-        split = [f"{kind}_ms" for kind, _ in _KINDS + [("other", "")]] if args.profile else []
+        split = SPLIT_COLS if args.profile else []
         print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"] + split)
         return rows
     import parallel

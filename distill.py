@@ -120,13 +120,19 @@ def choose_plan(errors, candidates, threshold: float):
     return plan
 
 
+def mask_label(entry, num_frames: int) -> str:
+    """A plan entry as text: "full" or "k:(T-k)"."""
+    k = resolve_k(entry, num_frames)
+    return FULL if entry == FULL else f"{k}:{num_frames - k}"
+
+
 def plan_report(plan, errors, candidates, num_frames):
     """Rows for the YAML file and the printed table: layer, mask, measured error, density."""
     rows = []
     for layer, entry in enumerate(plan):
         k = resolve_k(entry, num_frames)
         err = 0.0 if entry == FULL else errors[layer, candidates.index(k)].item()
-        rows.append({"layer": layer, "mask": entry if entry == FULL else f"{k}:{num_frames - k}", "k": entry,
+        rows.append({"layer": layer, "mask": mask_label(entry, num_frames), "k": entry,
                      "error": round(err, 5), "density": round(density(num_frames, k), 4)})
     return rows
 
@@ -139,6 +145,11 @@ def write_plan(path, rows, threshold, num_frames):
     with open(path, "w") as f:
         yaml.safe_dump(doc, f, sort_keys=False)
     return mean_sparsity
+
+
+def _enlarge(x, scale: int):
+    """[h, w, ...] -> [h * scale, w * scale, ...], nearest neighbour."""
+    return x.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
 
 
 def _heat(x):
@@ -158,14 +169,13 @@ def save_tile_maps_png(path, tiles, layers, plan, scale=12):
     for i, layer in enumerate(layers):
         m = tiles[layer].float().clamp_min(1e-4).log10()
         m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-6)
-        heat = _heat(m).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        heat = _enlarge(_heat(m), scale)
         x0 = pad + i * (side + pad)
         img.paste(to_image(heat), (x0, pad))
-        kept = frame_mask(T, resolve_k(plan[layer], T)).float().repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        kept = _enlarge(frame_mask(T, resolve_k(plan[layer], T)).float(), scale)
         img.paste(to_image(kept * 255).convert("RGB"), (x0, side + 2 * pad))
         draw.text((x0, 4), f"layer {layer}", fill="white")
-        entry = plan[layer]
-        draw.text((x0, side + pad + 4), "full" if entry == FULL else f"{entry}:{T - entry}", fill="white")
+        draw.text((x0, side + pad + 4), mask_label(plan[layer], T), fill="white")
     img.save(path)
 
 
@@ -177,7 +187,7 @@ def save_plan_png(path, rows, num_frames, scale=6):
     draw = ImageDraw.Draw(img)
     for i, r in enumerate(rows):
         kept = frame_mask(num_frames, resolve_k(r["k"], num_frames)).to(torch.uint8) * 255
-        tile = kept.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        tile = _enlarge(kept, scale)
         x0 = pad + i * (side + pad)
         img.paste(to_image(tile).convert("RGB"), (x0, 2 * pad + 12))
         draw.text((x0, 2), f"L{r['layer']} {r['mask']}", fill="white")

@@ -94,7 +94,7 @@ def group_size(group) -> int:
 
 
 def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
-    P = dist.get_world_size(group)
+    P = group_size(group)
     send = x.unflatten(scatter_dim, (P, -1)).movedim(scatter_dim, 0).contiguous()  # [P, ...]: i goes to rank i
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
@@ -131,14 +131,14 @@ class _GatherSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.args = group, dim
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        parts = [torch.empty_like(x) for _ in range(group_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
         group, dim = ctx.args
-        return grad.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous(), None, None
+        return grad.chunk(group_size(group), dim=dim)[dist.get_rank(group)].contiguous(), None, None
 
 
 def gather_seq(x, group, dim: int = 1):
@@ -147,7 +147,7 @@ def gather_seq(x, group, dim: int = 1):
 
 def shard_seq(x, group, dim: int = 1):
     """Pad the sequence to a multiple of the group size and keep this rank's contiguous slice."""
-    P, r = dist.get_world_size(group), dist.get_rank(group)
+    P, r = group_size(group), dist.get_rank(group)
     N = x.shape[dim]
     pad = -N % P
     if pad:
