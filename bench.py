@@ -333,8 +333,7 @@ def bench_sp(args):
         for n in args.gpus:
             out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
-                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend,
-                   "--chunks", *map(str, args.chunks)]
+                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend]
             cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
                                           ("--profile", args.profile)) if on]
             subprocess.run(cmd, check=True)
@@ -344,29 +343,27 @@ def bench_sp(args):
         for r in rows:
             r["speedup"] = fmt(base[r["plan"]] / r["ms/forward"]) if r["plan"] in base else ""
         split = SPLIT_COLS + ["comm_ms_by_rank"] if args.profile else []
-        print_table(rows, ["gpus", "frames", "plan", "chunks", "ms/forward", "speedup"] + split)
+        print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"] + split)
         return rows
     import parallel
     env = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
     dev, dtype = env.device, torch.bfloat16 if env.device.type == "cuda" else torch.float32
     torch.cuda.set_device(dev) if dev.type == "cuda" else None
     model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    model.enable_sequence_parallel(env.sp_group)
     T = x.shape[2] // model.cfg.patch_size[0]
-    torch._dynamo.config.recompile_limit = 64  # one block graph per (mask entry, chunks)
     rows = []
     for name, (plan, _) in list(model_plans(T, model.cfg.depth).items())[::2]:  # full and ~55%
         model.set_mask_plan(plan)
-        for chunks in args.chunks if env.world > 1 else [1]:
-            model.enable_sequence_parallel(env.sp_group, chunks)
-            parallel.barrier()
-            rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name, "chunks": chunks,
-                         "ms/forward": fmt(forward_ms(model, x, text, mask, args), 1)})
-            if args.profile:  # rank 0's device time by kind (its NCCL time includes waiting for the others)
-                rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
-                if env.world > 1:  # and every rank's NCCL time: the slowest rank waits least
-                    comm = [None] * env.world
-                    torch.distributed.all_gather_object(comm, rows[-1]["comm_ms"])
-                    rows[-1]["comm_ms_by_rank"] = "/".join(f"{c:.1f}" for c in comm)
+        parallel.barrier()
+        rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name,
+                     "ms/forward": fmt(forward_ms(model, x, text, mask, args), 1)})
+        if args.profile:  # rank 0's device time by kind (its NCCL time includes waiting for the others)
+            rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
+            if env.world > 1:  # and every rank's NCCL time: the slowest rank waits least
+                comm = [None] * env.world
+                torch.distributed.all_gather_object(comm, rows[-1]["comm_ms"])
+                rows[-1]["comm_ms_by_rank"] = "/".join(f"{c:.1f}" for c in comm)
     if env.is_main and args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows}, f)
@@ -388,7 +385,6 @@ def main(argv=None):
     p.add_argument("--base-steps", type=int, default=100)
     p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")
     p.add_argument("--gpus", type=int, nargs="*", default=[1, 2, 4], help="process counts for sp")
-    p.add_argument("--chunks", type=int, nargs="*", default=[1], help="sp: head groups per exchange (pipelined)")
     p.add_argument("--checkpoint", default=None, help="plans: a trained checkpoint")
     p.add_argument("--plans", nargs="*", default=[], help="plans: stage-2 plan files")
     p.add_argument("--batch", type=int, default=1, help="plans: videos per forward")

@@ -11,7 +11,6 @@ presets and their parameter counts. The text side is either a small byte-level e
 import json
 import math
 import os
-from functools import partial
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -121,9 +120,8 @@ def rope_3d(grid, head_dim, device, theta=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, N, H, D]; rotates channel pairs (2i, 2i+1) by the token's angles (cos, sin: [N, D/2])."""
+    """x: [B, H, N, D]; rotates channel pairs (2i, 2i+1) by the token's angles."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None], sin[:, None]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -139,29 +137,21 @@ class SelfAttention(nn.Module):
         self.backend = cfg.attn_backend
         self.mask = FULL  # this layer's plan entry, set by DiT.set_mask_plan
         self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
-        self.sp_chunks = 1  # head groups exchanged one after another in sequence-parallel inference
 
-    def forward(self, x, rope, grid, sp_group=None):
-        """x: [B, n, D], this rank's n tokens of the (T, H, W) grid (all of them without sequence parallelism),
-        rope: their angles."""
+    def forward(self, x, rope, num_frames, sp_group=None):
         qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)
-        q, k, v = qkv.unbind(2)
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)  # per token: before any exchange
-        if sp_group is None:
-            o = self.attend(*(rearrange(t, "b n h d -> b h n d") for t in (q, k, v)), num_frames=grid[0])
-            o = rearrange(o, "b h n d -> b n h d")
-        else:  # Ulysses: attend over all tokens for this rank's heads (parallel.py)
-            chunks = 1 if torch.is_grad_enabled() or self.observer is not None else self.sp_chunks
-            o = parallel.ulysses_attention(partial(self.attend, num_frames=grid[0]), torch.stack([q, k, v], 2),
-                                           sp_group, math.prod(grid), chunks)
-        return self.proj(o.flatten(2))
-
-    def attend(self, q, k, v, num_frames):
-        """[B, h, N, D] over the whole sequence with this layer's mask."""
+        N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
+        if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
+            qkv = parallel.seq_to_heads(qkv, sp_group)[:, :N]
+        q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
+        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
         o = tile_attention(q, k, v, num_frames, resolve_k(self.mask, num_frames), self.backend)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
-        return o
+        o = rearrange(o, "b h n d -> b n h d")
+        if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
+            o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % parallel.group_size(sp_group))), sp_group)
+        return self.proj(o.flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -192,11 +182,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))  # adaLN-single: per-block offsets
 
-    def forward(self, x, t_mod, context, context_mask, rope, grid, sp_group=None):
+    def forward(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
         # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
-                                            rope, grid, sp_group)
+                                            rope, num_frames, sp_group)
         x = x + self.cross(self.norm_cross(x), context, context_mask)
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m[:, None], scale_m[:, None]))
         return x
@@ -283,20 +273,12 @@ class DiT(nn.Module):
         for block, entry in zip(self.blocks, self.cfg.mask_plan):
             block.attn.mask = entry
 
-    def enable_sequence_parallel(self, group, chunks: int = 1):
-        """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off. chunks > 1: in
-        inference, exchange the heads in that many groups, each while the previous one attends."""
-        if group is not None:
-            P = parallel.group_size(group)
-            if self.cfg.heads % P:
-                raise ValueError(f"{self.cfg.heads} attention heads cannot be split over a sequence-parallel group "
-                                 f"of {P}: choose sp_size dividing {self.cfg.heads}")
-            if chunks < 1 or (self.cfg.heads // P) % chunks:
-                raise ValueError(f"chunks={chunks} must divide the {self.cfg.heads // P} heads each of the {P} "
-                                 f"ranks attends")
+    def enable_sequence_parallel(self, group):
+        """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
+        if group is not None and self.cfg.heads % parallel.group_size(group):
+            raise ValueError(f"{self.cfg.heads} attention heads cannot be split over a sequence-parallel group "
+                             f"of {parallel.group_size(group)}: choose sp_size dividing {self.cfg.heads}")
         self.sp_group = group
-        for block in self.blocks:
-            block.attn.sp_chunks = chunks
 
     def tokenize(self, prompts: list[str]):
         return tokenize(prompts, self.cfg.text_len)
@@ -335,10 +317,8 @@ class DiT(nn.Module):
         t_emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype))  # [B, D]
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
-        if self.sp_group is not None:  # the angles of this rank's tokens
-            rope = tuple(parallel.shard_seq(r, self.sp_group, dim=0) for r in rope)
         for block in self.blocks:
-            x = block(x, t_mod, context, context_mask, rope, grid, self.sp_group)
+            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
         if self.sp_group is not None:

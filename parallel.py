@@ -93,24 +93,13 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _start_all_to_all(x, group, scatter_dim: int, gather_dim: int, async_op: bool = False):
-    """Send the P slices of x along scatter_dim to ranks 0..P-1; returns finish(), which gives the received
-    slices joined along gather_dim (after waiting for them, when async_op: the GPU waits, not the host)."""
+def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
     P = group_size(group)
     send = x.unflatten(scatter_dim, (P, -1)).movedim(scatter_dim, 0).contiguous()  # [P, ...]: i goes to rank i
     recv = torch.empty_like(send)
-    work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
-
-    def finish():
-        if work is not None:
-            work.wait()
-        # chunks from ranks 0..P-1, in order (a view with batch 1, where torch.cat would copy)
-        return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
-    return finish
-
-
-def _all_to_all(x, group, scatter_dim: int, gather_dim: int):
-    return _start_all_to_all(x, group, scatter_dim, gather_dim)()
+    dist.all_to_all_single(recv, send, group=group)
+    # chunks from ranks 0..P-1, in order (a view with batch 1, where torch.cat would copy)
+    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -133,37 +122,6 @@ def seq_to_heads(x, group, seq_dim: int = 1, head_dim: int = 3):
 def heads_to_seq(x, group, seq_dim: int = 1, head_dim: int = 2):
     """The inverse: [B, N, H/P, D] -> [B, N/P, H, D]."""
     return _AllToAll.apply(x, group, seq_dim, head_dim)
-
-
-def ulysses_attention(attend, qkv, group, length: int, chunks: int = 1):
-    """Self-attention over the whole sequence when each rank holds a slice of it.
-
-    qkv: [B, n, 3, H, D], this rank's n tokens of the sequence (padded to P * n; `length` are real) for all
-    heads. attend(q, k, v) takes [B, h, length, D] each: every token, this rank's h = H / P heads. Returns
-    [B, n, H, D]: this rank's tokens again, for all heads. With chunks > 1 (inference only: those exchanges
-    are not autograd functions) the heads go in `chunks` groups, and a group's exchange runs while the
-    previous group attends; only the first group's q, k, v and the last group's output wait on the network.
-    """
-    if chunks == 1:
-        return heads_to_seq(_attend_all(attend, seq_to_heads(qkv, group), length), group)
-    if torch.is_grad_enabled():
-        raise ValueError("chunked Ulysses exchanges are inference only: run under torch.no_grad() or use chunks=1")
-    return _pipelined(attend, qkv, group, length, chunks)
-
-
-def _attend_all(attend, qkv, length):
-    """[B, P * n, 3, h, D] (all tokens, my heads) -> [B, P * n, h, D]; the padding never enters attention."""
-    q, k, v = qkv[:, :length].unbind(2)
-    o = attend(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-    return torch.nn.functional.pad(o, (0, 0, 0, 0, 0, qkv.shape[1] - length))  # equal shards on the way back
-
-
-@torch.compiler.disable  # a compiled graph would wait for each exchange where it is issued (torch 2.11)
-def _pipelined(attend, qkv, group, length, chunks):
-    incoming = [_start_all_to_all(part, group, 3, 1, async_op=True) for part in qkv.chunk(chunks, dim=3)]
-    outgoing = [_start_all_to_all(_attend_all(attend, recv(), length), group, 1, 2, async_op=True)
-                for recv in incoming]  # all q, k, v exchanges are queued first; outputs follow in order
-    return torch.cat([recv() for recv in outgoing], dim=2)
 
 
 class _GatherSeq(torch.autograd.Function):

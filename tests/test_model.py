@@ -67,8 +67,8 @@ def test_rope_scores_depend_on_relative_position_only():
     q, k = torch.randn(24), torch.randn(24)
     grid = torch.arange(60).view(3, 4, 5)
     def score(i, j):
-        qi = apply_rope(q.expand(1, 60, 1, 24), cos, sin)[0, i, 0]
-        kj = apply_rope(k.expand(1, 60, 1, 24), cos, sin)[0, j, 0]
+        qi = apply_rope(q.expand(1, 1, 60, 24), cos, sin)[0, 0, i]
+        kj = apply_rope(k.expand(1, 1, 60, 24), cos, sin)[0, 0, j]
         return (qi * kj).sum()
     # the same (dt, dh, dw) offset from two different places gives the same score
     assert score(grid[0, 0, 0], grid[1, 2, 3]) == pytest.approx(score(grid[1, 1, 1], grid[2, 3, 4]).item(), abs=1e-4)
