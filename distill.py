@@ -31,6 +31,7 @@ import torch
 import yaml
 
 import flow
+import parallel
 from attention import FULL, density, frame_mask, plan_sparsity, resolve_k, tile_attention
 from data import to_image
 
@@ -213,9 +214,13 @@ class AttentionRecorder:
         return outputs
 
 
-def kd_loss(v_student, v_teacher, attn_student, attn_teacher, w_out: float, w_attn: float):
+def kd_loss(v_student, v_teacher, attn_student, attn_teacher, w_out: float, w_attn: float, sp_group=None):
+    """Output MSE plus the mean over layers of the attention-output MSE. Under sequence parallelism each rank
+    records its own heads (a 1/P share of each layer's mean): it backpropagates that share and logs the total."""
     loss = w_out * (v_student.float() - v_teacher.float()).pow(2).mean()
     if w_attn and attn_student:
-        layer = [(a.float() - b.float()).pow(2).mean() for a, b in zip(attn_student, attn_teacher)]
-        loss = loss + w_attn * torch.stack(layer).mean()
+        layer = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(attn_student, attn_teacher)]).mean()
+        if sp_group is not None:
+            layer = parallel.group_total(layer / parallel.group_size(sp_group), sp_group)
+        loss = loss + w_attn * layer
     return loss

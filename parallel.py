@@ -155,6 +155,14 @@ def shard_seq(x, group, dim: int = 1):
     return x.chunk(P, dim=dim)[r]
 
 
+def group_total(x, group):
+    """x summed over the group as the value, with this rank's own gradient: a loss that each rank computes on
+    its share (say, its heads) backpropagates that share, while every rank sees (and logs) the total."""
+    total = x.detach().clone()
+    dist.all_reduce(total, group=group)
+    return x + (total - x.detach())
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

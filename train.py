@@ -288,7 +288,7 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g):
     v_student = net(x_t, t, text, mask)
     student, teach = recorders
     return distill.kd_loss(v_student, v_teacher, student.take(), teach.take(), cfg.kd_output_weight,
-                           cfg.kd_attn_weight)
+                           cfg.kd_attn_weight, teacher.sp_group)
 
 
 def make_objective(cfg, model, net, ema, env):
