@@ -342,6 +342,8 @@ def mask_search(cfg, env):
     errors = probe.errors()
     plan = distill.choose_plan(errors, candidates, cfg.threshold)
     rows = distill.plan_report(plan, errors, candidates, T)
+    if not env.is_main:  # under torchrun every rank searches alike; one writes
+        return rows
     os.makedirs(cfg.run_dir, exist_ok=True)
     sparsity = distill.write_plan(os.path.join(cfg.run_dir, "plan.yaml"), rows, cfg.threshold, T)
     torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]},
@@ -349,18 +351,16 @@ def mask_search(cfg, env):
     layers = sorted({0, model.cfg.depth // 2, model.cfg.depth - 1})
     distill.save_tile_maps_png(os.path.join(cfg.run_dir, "tile_maps.png"), probe.tiles, layers, plan)
     distill.save_plan_png(os.path.join(cfg.run_dir, "plan.png"), rows, T)
-    if env.is_main:
-        print(f"{'layer':>5} {'mask':>6} {'error':>8} {'density':>8}   errors for k = {candidates}")
-        for r, e in zip(rows, errors.tolist()):
-            print(f"{r['layer']:>5} {r['mask']:>6} {r['error']:>8.4f} {r['density']:>8.3f}   "
-                  + " ".join(f"{x:.3f}" for x in e))
-        print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
+    print(f"{'layer':>5} {'mask':>6} {'error':>8} {'density':>8}   errors for k = {candidates}")
+    for r, e in zip(rows, errors.tolist()):
+        print(f"{r['layer']:>5} {r['mask']:>6} {r['error']:>8.4f} {r['density']:>8.3f}   "
+              + " ".join(f"{x:.3f}" for x in e))
+    print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
     for r in cfg.sweep:  # the same measurements under other thresholds (the paper's r sweep)
         p = distill.choose_plan(errors, candidates, r)
         sparsity = distill.write_plan(os.path.join(cfg.run_dir, f"plan-r{r}.yaml"),
                                       distill.plan_report(p, errors, candidates, T), r, T)
-        if env.is_main:
-            print(f"  r = {r:<5}: mean sparsity {100 * sparsity:5.1f}%  plan {p}  -> plan-r{r}.yaml")
+        print(f"  r = {r:<5}: mean sparsity {100 * sparsity:5.1f}%  plan {p}  -> plan-r{r}.yaml")
     return rows
 
 
