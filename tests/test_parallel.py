@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism against single-process runs: forward and gradients of the model with 2 and 3
-gloo processes (35 tokens, so both pad), and torchrun sampling that writes the same frames as one process."""
+gloo processes (35 tokens, so both pad), torchrun sampling that writes the same frames as one process, and
+torchrun training (stages 0 and 3) that logs the same losses and gradient norms as one process."""
 import os
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,9 +107,9 @@ def test_torchrun_sampling_writes_the_same_frames(tmp_path):
     assert len(a) == len(b) == 3 and a == b
 
 
-def _one_vs_two(tmp_path, args, steps):
-    """The same training run in one process and under torchrun with sp_size=2 -> their logged records."""
-    import json
+def _sp2_matches_one_process(tmp_path, args, steps):
+    """The same training run in one process and under torchrun with sp_size=2: every logged step's loss and
+    gradient norm agree."""
     common = [os.path.join(ROOT, "train.py"), *args, f"steps={steps}", "log_every=1", "warmup=1", "compile=false",
               "device=cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -117,20 +120,19 @@ def _one_vs_two(tmp_path, args, steps):
                           str(free_port()), *common, f"run_dir={tmp_path / 'two'}", "sp_size=2"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr
-    logged = lambda d: [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
-    return logged("one"), logged("two")
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in one], [r[key] for r in two]
+        assert len(a) == len(b) == steps
+        assert all(abs(x - y) < 1e-4 * abs(x) for x, y in zip(a, b)), (key, a, b)
 
 
 def test_torchrun_training_sp2_matches_one_process(tmp_path):
     """Same batches, times and noise; each rank's gradient covers its tokens: losses and gradient norms of the
     first steps (the later ones after updates) match the single-process run."""
-    one, two = _one_vs_two(tmp_path, [os.path.join(ROOT, "configs", "stage0.yaml"), "model=tiny",
-                                      "model_args.hidden=48", "model_args.heads=6", "num_frames=3", "size=20",
-                                      "batch_size=2"], steps=3)
-    for key in ("loss", "grad_norm"):
-        a, b = [r[key] for r in one], [r[key] for r in two]
-        assert len(a) == len(b) == 3
-        assert all(abs(x - y) < 1e-4 * abs(x) for x, y in zip(a, b)), (key, a, b)
+    _sp2_matches_one_process(tmp_path, [os.path.join(ROOT, "configs", "stage0.yaml"), "model=tiny",
+                                        "model_args.hidden=48", "model_args.heads=6", "num_frames=3", "size=20",
+                                        "batch_size=2"], steps=3)
 
 
 def test_torchrun_stage3_sp2_matches_one_process(tmp_path):
@@ -138,10 +140,6 @@ def test_torchrun_stage3_sp2_matches_one_process(tmp_path):
     the mean over all heads (and log the total); loss and gradient norm match one process."""
     plan = tmp_path / "plan.yaml"
     plan.write_text("plan: [1, full, 2, 1, 1, full, 3, 1]\n")
-    one, two = _one_vs_two(tmp_path, [os.path.join(ROOT, "configs", "stage3.yaml"), f"plan={plan}",
-                                      f"init={os.path.join(ROOT, 'checkpoints', 'mlcd.safetensors')}",
-                                      "num_frames=4", "size=32", "batch_size=2"], steps=2)
-    for key in ("loss", "grad_norm"):
-        a, b = [r[key] for r in one], [r[key] for r in two]
-        assert len(a) == len(b) == 2
-        assert all(abs(x - y) < 1e-4 * abs(x) for x, y in zip(a, b)), (key, a, b)
+    _sp2_matches_one_process(tmp_path, [os.path.join(ROOT, "configs", "stage3.yaml"), f"plan={plan}",
+                                        f"init={os.path.join(ROOT, 'checkpoints', 'mlcd.safetensors')}",
+                                        "num_frames=4", "size=32", "batch_size=2"], steps=2)
