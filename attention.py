@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from cli import UserError
+
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
 FULL = "full"
 
@@ -49,20 +51,25 @@ def resolve_k(entry, num_frames: int) -> int:
         return num_frames
     if isinstance(entry, str):
         if ":" not in entry or not entry.split(":")[0].strip().isdigit():
-            raise ValueError(f"mask entry {entry!r}: expected 'full', an int k, or 'k:(T-k)' like '1:7'")
+            raise UserError(f"mask entry {entry!r}: expected 'full', an int k, or 'k:(T-k)' like '1:7'")
         entry = int(entry.split(":")[0])
     if isinstance(entry, bool) or not isinstance(entry, int) or entry < 1:
-        raise ValueError(f"mask entry {entry!r}: k must be a positive int (or 'full')")
+        raise UserError(f"mask entry {entry!r}: k must be a positive int (or 'full')")
     return min(entry, num_frames)
 
 
 def load_plan(path: str) -> list:
     """A mask plan from a YAML file with a `plan:` list (stage 2 writes one), e.g. `plan: [full, 2, 1, full]`."""
     import yaml
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise UserError(f"mask plan {path!r} cannot be read ({e.strerror}): run stage 2 or give another plan") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"mask plan {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("plan"), list):
-        raise ValueError(f"{path!r} has no `plan:` list")
+        raise UserError(f"{path!r} has no `plan:` list")
     return doc["plan"]
 
 

@@ -13,8 +13,8 @@
 Each mode prints a table and can write JSON. Timings are medians over repeats after warm-up, measured with
 CUDA events on GPU; speedups are ratios within one process on one card. Leaves out: training speed.
 """
-import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
+from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
 from attention import density, plan_sparsity, tile_attention, tile_block_mask, tile_dense_mask
 
 SPEC_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # SPEC section 1, Table 1
@@ -123,13 +124,17 @@ def plan_for_sparsity(T, depth, target):
     return plan, plan_sparsity(plan, T)
 
 
+def osp_config(tiny: bool):
+    """The osp12 config (or a tiny stand-in of its shape)."""
+    from model import model_config
+    return model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32) if tiny else model_config("osp12")
+
+
 def osp_model(args, dev, dtype, latent_frames):
     """The osp12 model (or a tiny stand-in) with random weights, and one input at 720p."""
-    from model import DiT, model_config
-    if args.tiny:
-        cfg, latent, text_len = model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32), (4, 4, 8, 8), 8
-    else:
-        cfg, latent, text_len = model_config("osp12"), (4, latent_frames, 90, 160), 300
+    from model import DiT
+    cfg = osp_config(args.tiny)
+    latent, text_len = ((4, 4, 8, 8), 8) if args.tiny else ((4, latent_frames, 90, 160), 300)
     cfg.attn_backend = args.backend
     torch.manual_seed(0)
     with torch.device(dev):
@@ -290,7 +295,7 @@ def bench_plans(args):
     from attention import load_plan, resolve_k
     from model import expand_plan, load_model
     if not args.checkpoint:
-        sys.exit("plans mode needs --checkpoint (and --plans)")
+        raise UserError("plans mode needs --checkpoint (and --plans)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, meta = load_model(args.checkpoint, dev, dtype)
@@ -326,7 +331,6 @@ def bench_plans(args):
 
 def bench_sp(args):
     """Sequence-parallel scaling: run as a driver (spawns torchrun per GPU count) or, under torchrun, as a worker."""
-    import os
     import subprocess
     if "RANK" not in os.environ:
         rows = []
@@ -371,25 +375,35 @@ def bench_sp(args):
     sys.exit(0)
 
 
+@entry_point
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
-    p.add_argument("--frames", type=int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
+    p.add_argument("--frames", type=positive_int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
                    help="attention, model, sp: split one call's device time by kind (attention, matmul, ...)")
     p.add_argument("--backend", default="auto", choices=["auto", "tile", "merge", "flex"],
                    help="model/e2e/sp: the sparse attention backend of the model's layers (attention.py)")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--base-steps", type=int, default=100)
-    p.add_argument("--student-steps", type=int, default=4, help="the stage-1 student's step count")
-    p.add_argument("--gpus", type=int, nargs="*", default=[1, 2, 4], help="process counts for sp")
+    p.add_argument("--repeat", type=positive_int, default=5)
+    p.add_argument("--base-steps", type=positive_int, default=100)
+    p.add_argument("--student-steps", type=positive_int, default=4, help="the stage-1 student's step count")
+    p.add_argument("--gpus", type=positive_int, nargs="*", default=[1, 2, 4], help="process counts for sp")
     p.add_argument("--checkpoint", default=None, help="plans: a trained checkpoint")
     p.add_argument("--plans", nargs="*", default=[], help="plans: stage-2 plan files")
-    p.add_argument("--batch", type=int, default=1, help="plans: videos per forward")
+    p.add_argument("--batch", type=positive_int, default=1, help="plans: videos per forward")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
+    if args.json:
+        check_output_path(args.json)
+    if args.mode == "sp" and "RANK" not in os.environ:  # the process counts, checked before any is started
+        from parallel import check_heads
+        for n in args.gpus:
+            check_heads(osp_config(args.tiny).heads, n, "--gpus")
+        visible = torch.cuda.device_count()
+        if torch.cuda.is_available() and max(args.gpus) > visible:
+            raise UserError(f"--gpus {max(args.gpus)}: only {visible} GPU(s) are visible")
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": time.strftime("%Y-%m-%d")}
     print(f"# {args.mode} on {info['device']}, torch {info['torch']}, {info['date']}")

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
+
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -32,6 +34,8 @@ COLOURS = {
 }
 DIRECTIONS = ("left", "right", "up", "down")
 VAL_SEED_OFFSET = 10**9
+CAPTION_FORM = "a {colour} {shape} moving {direction}"
+VOCABULARY = sorted({"a", "moving", *SHAPES, *COLOURS, *DIRECTIONS})  # every word of every caption
 _STEPS = ((-1, 0), (1, 0), (0, -1), (0, 1))  # unit (dx, dy) per direction; image y grows downwards
 
 
@@ -103,8 +107,19 @@ def render(params, num_frames=16, size=32, device=None):
 
 def captions(params):
     names = list(COLOURS)
-    return [f"a {names[c]} {SHAPES[s]} moving {DIRECTIONS[d]}" for c, s, d in
+    return [CAPTION_FORM.format(colour=names[c], shape=SHAPES[s], direction=DIRECTIONS[d]) for c, s, d in
             zip(params["colour"].tolist(), params["shape"].tolist(), params["direction"].tolist())]
+
+
+def normalize_prompt(text: str) -> str:
+    """The caption form: lower case, single spaces, no final period ("A Red  Circle." -> "a red circle")."""
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
+
+
+def unknown_words(text: str, vocabulary) -> list[str]:
+    """The words of a (normalised) prompt that are not in the vocabulary, in order."""
+    known = set(vocabulary)
+    return [w for w in text.split() if w not in known]
 
 
 def moving_shapes_batch(n, seed_or_generator, num_frames=16, size=32, device=None):
@@ -118,7 +133,7 @@ class MovingShapes(torch.utils.data.IterableDataset):
 
     def __init__(self, batch_size, seed=0, split="train", num_frames=16, size=32, device=None):
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+            raise UserError(f"split must be 'train' or 'val', got {split!r}")
         self.batch_size, self.num_frames, self.size, self.device = batch_size, num_frames, size, device
         self.seed = seed + (VAL_SEED_OFFSET if split == "val" else 0)
 
@@ -177,14 +192,14 @@ class ShardDataset(torch.utils.data.Dataset):
     def __init__(self, folder):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
         if not paths:
-            raise ValueError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
+            raise UserError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
         shards = [_load_shard(p) for p in paths]
         for p, shard in zip(paths, shards):
             if _signature(shard) != _signature(shards[0]):
-                raise ValueError(f"shard {p} in {folder!r} disagrees with {paths[0]}: "
+                raise UserError(f"shard {p} in {folder!r} disagrees with {paths[0]}: "
                                  f"{_signature(shard)} vs {_signature(shards[0])}")
             if len({len(v) for v in shard.values()}) != 1:
-                raise ValueError(f"shard {p} in {folder!r} has fields of different lengths")
+                raise UserError(f"shard {p} in {folder!r} has fields of different lengths")
         self.data = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "captions"}
         self.captions = [c for s in shards for c in s["captions"]] if "captions" in shards[0] else None
 
@@ -227,27 +242,31 @@ def from_uint8(frames):
     return frames.permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
-def main():
-    import argparse
+@entry_point
+def main(argv=None):
     import time
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=256)
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=positive_int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gif", default=None, help="save the first 8 videos side by side as a GIF")
-    args = ap.parse_args()
-    moving_shapes_batch(8, 0, device=args.device)  # warm-up
+    args = ap.parse_args(argv)
+    from parallel import pick_device
+    device = pick_device(args.device)
+    if args.gif:
+        check_output_path(args.gif, {".gif"})
+    moving_shapes_batch(8, 0, device=device)  # warm-up
     t0 = time.time()
-    videos, caps = moving_shapes_batch(args.n, args.seed, device=args.device)
-    if args.device.startswith("cuda"):
+    videos, caps = moving_shapes_batch(args.n, args.seed, device=device)
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    print(f"rendered {tuple(videos.shape)} on {args.device} in {1000 * (time.time() - t0):.1f} ms")
+    print(f"rendered {tuple(videos.shape)} on {device} in {1000 * (time.time() - t0):.1f} ms")
     print("\n".join(caps[:8]))
     if args.gif:
         from PIL import Image
         strip = torch.cat([to_uint8(v.cpu()) for v in videos[:8]], dim=2)  # [T, H, 8W, 3]
-        imgs = [Image.frombytes("RGB", (f.shape[1], f.shape[0]), bytes(f.flatten().tolist())).resize(
-            (4 * f.shape[1], 4 * f.shape[0]), Image.NEAREST) for f in strip]
+        imgs = [to_image(f).resize((4 * f.shape[1], 4 * f.shape[0]), Image.NEAREST) for f in strip]
+        os.makedirs(os.path.dirname(os.path.abspath(args.gif)), exist_ok=True)
         imgs[0].save(args.gif, save_all=True, append_images=imgs[1:], duration=120, loop=0)
         print(f"saved {args.gif}")
 

@@ -16,7 +16,6 @@ Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4
   (steps, cfg, shift) setting, with forward passes and seconds per video on the device used.
 Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness beyond area_spread.
 """
-import argparse
 import itertools
 import json
 import re
@@ -25,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int
 from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
 
 ATTRS = ("colour", "shape", "direction")
@@ -149,24 +149,27 @@ def print_table(result, title=None):
         print(f"{k:<{width}}  {v:.3f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description="prompt-following score for moving-shapes videos")
+@entry_point
+def main(argv=None):
+    ap = ArgumentParser(description="prompt-following score for moving-shapes videos")
     source = ap.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", action="store_true", help="score ground-truth validation-split videos")
     source.add_argument("--checkpoint", help="score a model's samples of the validation prompts")
-    ap.add_argument("--steps", type=int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
-    ap.add_argument("--cfg", type=float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
-    ap.add_argument("--shift", type=float, nargs="*", default=[None],
+    ap.add_argument("--steps", type=positive_int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
+    ap.add_argument("--cfg", type=non_negative_float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
+    ap.add_argument("--shift", type=non_negative_float, nargs="*", default=[None],
                     help="sampling time shifts (default: checkpoint's)")
     ap.add_argument("--plan", default=None, help="a stage-2 plan.yaml to apply to the checkpoint (no retraining)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
-    ap.add_argument("--n", type=int, default=64, help="number of videos")
+    ap.add_argument("--n", type=positive_int, default=64, help="number of videos")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-frames", type=int, default=16)
-    ap.add_argument("--size", type=int, default=32)
-    args = ap.parse_args()
+    ap.add_argument("--num-frames", type=positive_int, default=16)
+    ap.add_argument("--size", type=positive_int, default=32)
+    args = ap.parse_args(argv)
+    if args.json:
+        check_output_path(args.json)
     if args.dataset:
         data = MovingShapes(args.n, seed=args.seed, split="val", num_frames=args.num_frames, size=args.size)
         videos, prompts = next(iter(data))
@@ -180,16 +183,23 @@ def evaluate_checkpoint(args):
     from attention import load_plan
     from model import load_model
     from sample import generate, sampler_settings
+    if any(shift == 0 for shift in args.shift if shift is not None):
+        raise UserError("--shift must be > 0")
     device = parallel.pick_device(args.device)
+    plan = load_plan(args.plan) if args.plan else None
     model, meta = load_model(args.checkpoint, device)
-    if args.plan:
-        model.set_mask_plan(load_plan(args.plan))
+    if plan is not None:
+        model.set_mask_plan(plan)
     prompts = validation_prompts(args.n, args.seed)
     for steps, cfg, shift in itertools.product(args.steps, args.cfg, args.shift):
         s = sampler_settings(meta, steps, cfg, shift)
         batches = iter(range(10**9))
-        sample_fn = lambda chunk: generate(model, meta, chunk, seed=args.seed * 7919 + next(batches),
-                                           steps=steps, cfg=cfg, shift=shift)
+        def sample_fn(chunk):
+            videos = generate(model, meta, chunk, seed=args.seed * 7919 + next(batches), steps=steps, cfg=cfg,
+                              shift=shift)
+            if not torch.isfinite(videos).all():
+                raise UserError(f"{args.checkpoint!r} samples nan or inf at steps {steps}, cfg {cfg}: not scored")
+            return videos
         sample_fn(prompts[:1])  # warm-up, kept out of the timing
         t0 = time.time()
         result = evaluate_model(sample_fn, prompts, args.batch_size)

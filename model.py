@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import parallel
+from cli import UserError
 from attention import FULL, load_plan, resolve_k, tile_attention
 
 
@@ -42,9 +43,9 @@ class ModelConfig:
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
         if self.hidden % self.heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+            raise UserError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.text_encoder not in ("none", "bytes"):
-            raise ValueError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
+            raise UserError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
         self.mask_plan = expand_plan(self.mask_plan, self.depth)
 
     @property
@@ -63,11 +64,11 @@ PRESETS = {
 
 def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
     valid = {f.name for f in fields(ModelConfig)}
     bad = set(overrides) - valid
     if bad:
-        raise ValueError(f"unknown model keys {sorted(bad)}; valid keys: {sorted(valid)}")
+        raise UserError(f"unknown model keys {sorted(bad)}; valid keys: {sorted(valid)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
@@ -82,7 +83,7 @@ def expand_plan(plan, depth: int) -> list:
     if len(plan) == 1:
         plan = plan * depth
     if len(plan) != depth:
-        raise ValueError(f"mask plan has {len(plan)} entries for {depth} layers")
+        raise UserError(f"mask plan has {len(plan)} entries for {depth} layers")
     for entry in plan:
         resolve_k(entry, 1 << 30)  # validates the entry
     return [FULL if e == FULL else (int(e.split(":")[0]) if isinstance(e, str) else int(e)) for e in plan]
@@ -216,7 +217,7 @@ def tokenize(prompts: list[str], text_len: int):
     for i, p in enumerate(prompts):
         b = list(p.encode("utf-8"))
         if len(b) + 1 > text_len:
-            raise ValueError(f"prompt is {len(b)} bytes; this model reads at most {text_len - 1}: {p[:40]!r}...")
+            raise UserError(f"prompt is {len(b)} bytes; this model reads at most {text_len - 1}: {p[:40]!r}...")
         ids[i, : len(b) + 1] = torch.tensor([1] + [c + 2 for c in b])
     return ids, ids > 0
 
@@ -275,9 +276,8 @@ class DiT(nn.Module):
 
     def enable_sequence_parallel(self, group):
         """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
-        if group is not None and self.cfg.heads % parallel.group_size(group):
-            raise ValueError(f"{self.cfg.heads} attention heads cannot be split over a sequence-parallel group "
-                             f"of {parallel.group_size(group)}: choose sp_size dividing {self.cfg.heads}")
+        if group is not None:
+            parallel.check_heads(self.cfg.heads, parallel.group_size(group))
         self.sp_group = group
 
     def tokenize(self, prompts: list[str]):
@@ -301,7 +301,7 @@ class DiT(nn.Module):
         B, C, T, H, W = x.shape
         pt, ph, pw = self.cfg.patch_size
         if C != self.cfg.in_channels or T % pt or H % ph or W % pw:
-            raise ValueError(f"input {tuple(x.shape)} does not fit {C=} patches {self.cfg.patch_size}")
+            raise UserError(f"input {tuple(x.shape)} does not fit {C=} patches {self.cfg.patch_size}")
         grid = (T // pt, H // ph, W // pw)
         context, context_mask = (text, text_mask) if encoded else self.encode_text(text, text_mask)
 
@@ -309,7 +309,7 @@ class DiT(nn.Module):
         x = self.patch_embed(x)  # [B, N, D], frame-major tokens
         if self.frame_embed is not None:
             if grid[0] > self.cfg.max_frames:
-                raise ValueError(f"{grid[0]} latent frames, but this model embeds at most {self.cfg.max_frames}")
+                raise UserError(f"{grid[0]} latent frames, but this model embeds at most {self.cfg.max_frames}")
             x = (x.unflatten(1, (grid[0], -1)) + self.frame_embed[: grid[0], None]).flatten(1, 2)
         N = x.shape[1]
         if self.sp_group is not None:
@@ -355,14 +355,14 @@ def save_model(path: str, state_dict: dict, cfg: ModelConfig, meta: dict | None 
 def read_metadata(path: str) -> dict:
     from safetensors import safe_open
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
+        raise UserError(f"no checkpoint at {path!r}: give the path of a .safetensors file")
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable safetensors checkpoint: {e}") from None
+        raise UserError(f"{path!r} is not a readable safetensors checkpoint: {str(e).splitlines()[0]}") from None
     if "model_config" not in meta:
-        raise ValueError(f"{path!r} has no model_config in its metadata: not a checkpoint of this project")
+        raise UserError(f"{path!r} has no model_config in its metadata: not a checkpoint of this project")
     return {k: json.loads(v) for k, v in meta.items()}
 
 
@@ -371,9 +371,13 @@ def load_model(path: str, device="cpu", dtype=torch.float32):
     from safetensors.torch import load_file
     meta = read_metadata(path)
     model = DiT(ModelConfig(**meta["model_config"]))
-    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    try:
+        weights = load_file(path)
+    except Exception as e:  # a truncated or corrupt file: the header can read fine while the tensors do not
+        raise UserError(f"{path!r} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path!r} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise UserError(f"{path!r} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device=device, dtype=dtype).eval(), meta
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cli import UserError
+
 
 @dataclass
 class Dist:
@@ -46,25 +48,36 @@ class Dist:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    if name:
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
         dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r}: this code runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here: use --device cpu "
+                        "(device=cpu in a training config)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
 
 
 def setup(device: str | None = None, sp_size: int = 1) -> Dist:
     """Start the process group when launched by torchrun; a no-op otherwise. sp_size ranks share a sequence."""
     if "RANK" not in os.environ:
         if sp_size != 1:
-            raise ValueError(f"sp_size={sp_size} needs {sp_size} processes: launch with torchrun --nproc_per_node")
+            raise UserError(f"sp_size={sp_size} needs {sp_size} processes: launch with torchrun --nproc_per_node")
         return Dist(device=pick_device(device))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if sp_size < 1 or world % sp_size:
+        raise UserError(f"sp_size={sp_size} does not divide the {world} processes: start a multiple of {sp_size}")
     dev = pick_device(device)
     if dev.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible")
+            raise UserError(f"--nproc_per_node asks for GPU {local}, but only {torch.cuda.device_count()} are "
+                            "visible: start at most that many processes per node")
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -74,8 +87,6 @@ def setup(device: str | None = None, sp_size: int = 1) -> Dist:
 
 def sequence_groups(world: int, sp_size: int):
     """Consecutive blocks of sp_size ranks; returns this rank's group (every rank must create all groups)."""
-    if sp_size < 1 or world % sp_size:
-        raise ValueError(f"sp_size {sp_size} does not divide the {world} processes")
     if sp_size == 1:
         return None
     mine = None
@@ -88,6 +99,14 @@ def sequence_groups(world: int, sp_size: int):
 
 # ----------------------------------------------------------------------------------------------------------
 # Ulysses exchanges
+
+def check_heads(heads: int, sp_size: int, what: str = "sp_size"):
+    """Ulysses splits the heads over the group: a clear error, with the sizes that work, where it cannot."""
+    if heads % sp_size:
+        ok = ", ".join(str(p) for p in range(1, heads + 1) if heads % p == 0)
+        raise UserError(f"{what}={sp_size}: the model's {heads} attention heads do not split over {sp_size} "
+                        f"processes; use one of {ok}")
+
 
 def group_size(group) -> int:
     return dist.get_world_size(group)

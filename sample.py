@@ -10,7 +10,6 @@ The checkpoint's metadata says what it is and how it samples (sampler, steps, gu
 flags are needed; --steps and --cfg override it. Leaves out: the latent decoder for real-data checkpoints
 (their output is latents, saved as .pt).
 """
-import argparse
 import os
 import sys
 import time
@@ -20,8 +19,10 @@ from tqdm import tqdm
 
 import flow
 import parallel
-from data import to_image, to_uint8
-from model import load_model
+from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int
+from data import CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, to_image, to_uint8, unknown_words
+from model import load_model, read_metadata
+from parallel import check_heads
 
 # the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
 SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", f"{name}.safetensors")
@@ -41,19 +42,19 @@ def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=Non
     """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
     s = sampler_settings(meta, steps, cfg, shift)
     if model.text_encoder is None:
-        raise ValueError("this checkpoint reads precomputed text embeddings (text_encoder: none); sample.py can "
+        raise UserError("this checkpoint reads precomputed text embeddings (text_encoder: none); sample.py can "
                          "only prompt models with their own byte-level text encoder")
     device = next(model.parameters()).device
     shape = meta.get("video_shape")
     if shape is None:
-        raise ValueError("checkpoint metadata has no video_shape: cannot size the noise")
+        raise UserError("checkpoint metadata has no video_shape: cannot size the noise")
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), *shape, generator=g).to(device)
     cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))
     uncond = model.encode_text(*(x.to(device) for x in model.tokenize([""] * len(prompts))))
     bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if progress else None
     if s["name"] != "euler":
-        raise ValueError(f"checkpoint asks for sampler {s['name']!r}, which this sample.py does not know")
+        raise UserError(f"checkpoint asks for sampler {s['name']!r}, which this sample.py does not know")
     return flow.euler_sample(lambda x, t: flow.cfg_velocity(model, x, t, cond, uncond, s["cfg"]),
                              noise, s["steps"], s.get("shift", 1.0), bar)
 
@@ -68,53 +69,86 @@ def save_gif(video, path: str, scale: int = 8, fps: int = 8):
     images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
 
 
+def image_extensions() -> set[str]:
+    """Animation formats Pillow can write here (.gif always; .png, .webp where built in)."""
+    from PIL import Image
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items()
+            if fmt in Image.SAVE_ALL and ext in (".gif", ".png", ".apng", ".webp")}
+
+
+PROMPT_HELP = (f"the video's caption. The shipped models know the form '{CAPTION_FORM}' with colour in "
+               f"{'/'.join(COLOURS)}, shape in {'/'.join(SHAPES)}, direction in {'/'.join(DIRECTIONS)}; case, "
+               "extra spaces and a final period do not matter. A prompt is at most 47 bytes for these models "
+               "(the checkpoint's text_len - 1). A checkpoint trained on the built-in data names any word it "
+               "never saw and stops (it would draw something else)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Sample a video from a text prompt.")
-    p.add_argument("--prompt", required=True)
+    p = ArgumentParser(description="Sample a video from a text prompt.")
+    p.add_argument("--prompt", required=True, help=PROMPT_HELP)
     p.add_argument("--model", choices=list(SHIPPED), default="efficient",
                    help="a shipped checkpoint: efficient (stage 3: 4 steps, sparse attention), mlcd (stage 1: "
                         "4 steps), base (stage 0: 50 steps with guidance)")
     p.add_argument("--checkpoint", default=None, help="any other checkpoint file (instead of --model)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the checkpoint's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--cfg", type=non_negative_float, default=None,
+                   help="guidance scale, 1 = none (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="sample.gif")
+    p.add_argument("--out", default="sample.gif", help="output file: .gif (or another animation format Pillow "
+                                                       "writes, such as .webp); latents of real-data models: .pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or SHIPPED[args.model]
     if not args.prompt.strip():
         p.error("--prompt is empty")
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
-    if args.cfg is not None and args.cfg < 0:
-        p.error(f"--cfg must be >= 0, got {args.cfg}")
     return args
 
 
+def prepare_prompt(prompt: str, meta: dict) -> str:
+    """The prompt as the checkpoint's training captions were written; a word outside its vocabulary is an error."""
+    vocabulary = meta.get("vocabulary")
+    if not vocabulary:  # trained on the user's own captions: only surrounding spaces are dropped
+        return prompt.strip()
+    prompt = normalize_prompt(prompt)
+    unknown = unknown_words(prompt, vocabulary)
+    if unknown:
+        raise UserError(f"--prompt: this model never saw the word(s) {', '.join(map(repr, unknown))} and would "
+                        f"not follow them; it knows: {' '.join(vocabulary)}")
+    return prompt
+
+
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
+    meta = read_metadata(args.checkpoint)  # cheap: everything below is checked before the model loads
+    prompt = prepare_prompt(args.prompt, meta)
+    latents = meta.get("model_config", {}).get("in_channels") != 3
+    out = os.path.splitext(args.out)[0] + ".pt" if latents else args.out
+    check_output_path(out, None if latents else image_extensions())
+    world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun every process shares each video's tokens
+    check_heads(meta["model_config"].get("heads", 1), world, "processes")
     try:
-        # under torchrun every process shares each video's token sequence (Ulysses, parallel.py)
-        env = parallel.setup(args.device, sp_size=int(os.environ.get("WORLD_SIZE", 1)))
-        device = env.device
-        model, meta = load_model(args.checkpoint, device)
+        env = parallel.setup(args.device, sp_size=world)
+        model, meta = load_model(args.checkpoint, env.device)
+        model.tokenize([prompt])  # a prompt too long for the model fails here, before sampling
         model.enable_sequence_parallel(env.sp_group)
-        videos = generate(model, meta, [args.prompt], args.seed, args.steps, args.cfg, progress=env.is_main)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        videos = generate(model, meta, [prompt], args.seed, args.steps, args.cfg, progress=env.is_main)
     finally:
         parallel.cleanup()
+    if not torch.isfinite(videos).all():
+        raise UserError(f"the sample of {args.checkpoint!r} is not finite (nan or inf); nothing written. "
+                        "A checkpoint trained into nan, or a --cfg too large?")
     if not env.is_main:
         return
-    if videos.shape[1] == 3:
-        save_gif(videos[0].float().cpu(), args.out)
+    if latents:
+        torch.save(videos[0].cpu(), out)
     else:
-        args.out = os.path.splitext(args.out)[0] + ".pt"
-        torch.save(videos[0].cpu(), args.out)
+        save_gif(videos[0].float().cpu(), out)
     s = sampler_settings(meta, args.steps, args.cfg)
-    print(f"wrote {args.out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {s['steps']} steps, "
-          f"cfg {s['cfg']}, {env.world} x {device})")
+    print(f"wrote {out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {s['steps']} steps, "
+          f"cfg {s['cfg']}, {env.world} x {env.device})")
 
 
 if __name__ == "__main__":

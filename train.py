@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -30,12 +31,16 @@ from tqdm import tqdm
 import distill
 import flow
 import parallel
-from data import ShardDataset, collate, moving_shapes_batch
 from attention import load_plan
-from model import DiT, load_model, model_config, num_params, save_model
+from cli import UserError, check_output_path, entry_point, warn
+from data import VOCABULARY, ShardDataset, collate, moving_shapes_batch
+from model import DiT, config_dict, load_model, model_config, num_params, read_metadata, save_model
 
 
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
+CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
+# keys a resumed run may change: how long it runs and how it executes, never what it computes
+RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "micro_batch", "compile")
 
 
 @dataclass
@@ -49,6 +54,8 @@ class TrainConfig:
     num_frames: int = 16                 # shapes data only
     size: int = 32                       # shapes data only
     batch_size: int = 64                 # global, split over data-parallel ranks
+    micro_batch: int = 0                 # samples per forward/backward, gradients summed over the batch;
+                                         # 0: the whole local batch on a GPU, CPU_MICRO_BATCH on a CPU
     sp_size: int = 1                     # ranks sharing one sample's sequence (Ulysses; torchrun only)
     steps: int = 10000
     lr: float = 3e-4
@@ -97,24 +104,26 @@ class TrainConfig:
 def _coerce(name, value, default):
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
+            raise UserError(f"{name} must be true or false, got {value!r}")
     elif isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
                 value = float(value)
-            except ValueError:
+            except ValueError:  # not a number: reported below
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
+            raise UserError(f"{name} must be a number, got {value!r}")
         if isinstance(default, int) and value != int(value):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise UserError(f"{name} must be an integer, got {value!r}")
         return type(default)(value)
+    elif isinstance(default, str) and value is None:  # `key=` or `key:` with nothing after it
+        return ""
     elif isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, got {value!r}")
+        raise UserError(f"{name} must be a string, got {value!r}")
     elif isinstance(default, dict) and not isinstance(value, dict):
-        raise ValueError(f"{name} must be a mapping, got {value!r}")
+        raise UserError(f"{name} must be a mapping, got {value!r}")
     elif isinstance(default, list) and not isinstance(value, list):
-        raise ValueError(f"{name} must be a list, got {value!r}")
+        raise UserError(f"{name} must be a list, got {value!r}")
     elif isinstance(default, tuple):
         return tuple(value)
     return value
@@ -125,37 +134,62 @@ def make_config(values: dict) -> TrainConfig:
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     unknown = set(values) - set(valid)
     if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
+        raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
     model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
-    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1:
-        raise ValueError("batch_size, log_every and ckpt_every must be >= 1 and steps >= 0")
+    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1 or cfg.micro_batch < 0:
+        raise UserError("batch_size, log_every and ckpt_every must be >= 1, steps and micro_batch >= 0")
     if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
+        raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
     if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
-        raise ValueError(f"stage {cfg.stage} distils a trained model: set init (and optionally teacher)")
+        raise UserError(f"stage {cfg.stage} distils a trained model: set init (and optionally teacher)")
     if cfg.stage == 3 and not cfg.plan:
-        raise ValueError("stage 3 needs plan: the plan.yaml written by stage 2")
+        raise UserError("stage 3 needs plan: the plan.yaml written by stage 2")
     if cfg.target not in ("ema", "stopgrad") or cfg.segments < 1 or cfg.teacher_steps < cfg.segments:
-        raise ValueError("target must be 'ema' or 'stopgrad', segments >= 1 and teacher_steps >= segments")
+        raise UserError("target must be 'ema' or 'stopgrad', segments >= 1 and teacher_steps >= segments")
     return cfg
 
 
 def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} not found")
-    with open(path) as f:
-        values = yaml.safe_load(f) or {}
+        raise UserError(f"config file {path!r} not found (the stages' configs are in configs/)")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path!r} must hold key: value lines, got a {type(values).__name__}")
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise UserError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"override {item!r}: the value is not valid YAML") from None
         if key.startswith("model_args."):
             values.setdefault("model_args", {})[key.split(".", 1)[1]] = value
         else:
             values[key] = value
     return make_config(values)
+
+
+def check_inputs(cfg: TrainConfig):
+    """Everything a run reads, checked before any model is built: checkpoints, plan, data folder, device."""
+    for key in ("init", "teacher"):
+        path = getattr(cfg, key)
+        if path:
+            try:
+                read_metadata(path)
+            except UserError as e:
+                where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
+                raise UserError(f"{key}: {e}{where}") from None
+    if cfg.stage == 3:
+        load_plan(cfg.plan)
+    if cfg.data != "shapes" and not os.path.isdir(cfg.data):
+        raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes' or a folder of safetensors shards")
+    parallel.pick_device(cfg.device or None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,6 +210,7 @@ def save_checkpoint(cfg, model, ema, opt, step, meta):
     save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
     save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    # tensors, numbers, strings and containers only: loading it with weights_only=True can never run code
     torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng, "config": asdict(cfg)},
                os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
@@ -185,11 +220,31 @@ def save_checkpoint(cfg, model, ema, opt, step, meta):
     return final
 
 
-def load_checkpoint(path, model, ema, opt):
+class ConfigChanged(UserError):
+    """A run_dir resumed under another config."""
+
+
+def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples and lists alike
+    return [f"{prefix}{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
+            if k not in skip and saved.get(k) != now.get(k)]
+
+
+def load_checkpoint(path, cfg, model, ema, opt):
+    """Restore a checkpoint folder into model, ema and opt; -> its step. A checkpoint of another config is a
+    ConfigChanged error; one that does not load raises whatever its files raised."""
     from safetensors.torch import load_file
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-    ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    changed = differences(state["config"], asdict(cfg), RUN_KEYS) + differences(
+        read_metadata(os.path.join(path, "model.safetensors"))["model_config"], config_dict(model.cfg),
+        ("attn_backend",), "model ")  # the plan file's content, model_args
+    if changed:
+        raise ConfigChanged(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
+                        f"run_dir, or the config it was started with")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    ema_weights = load_file(os.path.join(path, "ema.safetensors"))
+    model.load_state_dict(weights)
+    ema.load_state_dict(ema_weights)
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -197,11 +252,49 @@ def load_checkpoint(path, model, ema, opt):
     return state["step"]
 
 
+def resume(cfg, model, ema, opt, is_main) -> tuple[int, str | None]:
+    """-> (step, folder) of the newest checkpoint in run_dir that loads, (0, None) for a fresh run. A newer
+    one that does not load (truncated, corrupt, not ours) is named and set aside as broken-ckpt-N."""
+    found = checkpoints(cfg.run_dir)
+    for path in reversed(found):
+        try:
+            return load_checkpoint(path, cfg, model, ema, opt), path
+        except ConfigChanged:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: take the one before
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            warn(f"checkpoint {path} does not load ({reason}); set aside as broken-{os.path.basename(path)}")
+            if is_main:
+                os.replace(path, os.path.join(cfg.run_dir, "broken-" + os.path.basename(path)))
+    if found:
+        raise UserError(f"no checkpoint in {cfg.run_dir!r} loads (see the warnings): move them away to start afresh")
+    return 0, None
+
+
+def cut_log(path: str, step: int):
+    """Drop the log records after `step` (written after the checkpoint a resumed run starts from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def export(cfg: TrainConfig, out: str):
     """The newest checkpoint's EMA weights in bf16, for shipping."""
     found = checkpoints(cfg.run_dir)
     if not found:
-        raise FileNotFoundError(f"no checkpoint in {cfg.run_dir!r} to export")
+        raise UserError(f"--export: no checkpoint in {cfg.run_dir!r} (run_dir) to export; train this config first")
+    check_output_path(out, {".safetensors"})
     model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_model(out, model.state_dict(), model.cfg, {k: v for k, v in meta.items() if k != "model_config"},
@@ -257,18 +350,24 @@ def learning_rate(cfg, step):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def stage0_loss(model, cfg, x0, text, mask, g):
-    """Rectified flow: regress the velocity eps - x0 at a random point of the straight path."""
-    t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist, cfg.t_shift)
-    eps = torch.randn(x0.shape, generator=g, device=x0.device)
+def draw_noise(cfg, x0, g):
+    """A step's times t [B] and noise eps (shaped like x0), drawn for the whole local batch before it is split
+    into micro-batches, so that the split changes no number."""
+    if cfg.stage == 0:
+        t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist, cfg.t_shift)
+    else:
+        t = distill.sample_times(x0.shape[0], g, x0.device)
+    return t, torch.randn(x0.shape, generator=g, device=x0.device)
+
+
+def stage0_loss(model, x0, text, mask, t, eps):
+    """Rectified flow: regress the velocity eps - x0 at time t of the straight path."""
     return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
 
 
-def stage1_loss(net, teacher, target, cfg, x0, text, mask, uncond, g):
+def stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond):
     """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump.
     uncond: the teacher's encoding of the empty caption (the same every step)."""
-    t = distill.sample_times(x0.shape[0], g, x0.device)
-    eps = torch.randn(x0.shape, generator=g, device=x0.device)
     with torch.no_grad():
         cond = teacher.encode_text(text, mask)
     return distill.mlcd_loss(
@@ -278,11 +377,10 @@ def stage1_loss(net, teacher, target, cfg, x0, text, mask, uncond, g):
         x0=x0, eps=eps, t=t, num_segments=cfg.segments, teacher_steps=cfg.teacher_steps, huber_c=cfg.huber_c)
 
 
-def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g):
+def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
     """KD (distill.py): the sparse student matches the full-attention teacher's velocity and every layer's
     attention output on the same noisy input."""
-    t = distill.sample_times(x0.shape[0], g, x0.device)
-    x_t = flow.interpolate(x0, torch.randn(x0.shape, generator=g, device=x0.device), t)
+    x_t = flow.interpolate(x0, eps, t)
     with torch.no_grad():
         v_teacher = teacher(x_t, t, text, mask)
     v_student = net(x_t, t, text, mask)
@@ -292,25 +390,25 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g):
 
 
 def make_objective(cfg, model, net, ema, env):
-    """-> loss(x0, text, mask, g) for the configured stage, with what that stage needs loaded once."""
+    """-> loss(x0, text, mask, t, eps) for the configured stage, with what that stage needs loaded once."""
     if cfg.stage == 0:
-        return lambda x0, text, mask, g: stage0_loss(net, cfg, x0, text, mask, g)
+        return lambda x0, text, mask, t, eps: stage0_loss(net, x0, text, mask, t, eps)
     device = env.device
     teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
     teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
     if cfg.stage == 3:
         teacher.set_mask_plan(["full"])
         recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
-        return lambda x0, text, mask, g: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, g)
+        return lambda x0, text, mask, t, eps: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps)
     target = ema if cfg.target == "ema" else model
     uncond = {}  # batch size -> the teacher's encoding of the empty caption, computed once
 
-    def loss(x0, text, mask, g):
+    def loss(x0, text, mask, t, eps):
         n = x0.shape[0]
         if n not in uncond:
             with torch.no_grad():
                 uncond[n] = teacher.encode_text(*(x.to(device) for x in null_text(model, n, text)))
-        return stage1_loss(net, teacher, target, cfg, x0, text, mask, uncond[n], g)
+        return stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond[n])
     return loss
 
 
@@ -321,7 +419,10 @@ def checkpoint_meta(cfg, video_shape, init_meta):
         sampler = {"name": "euler", "steps": cfg.segments, "cfg": 1.0, "shift": 1.0}
     elif cfg.stage == 3:
         sampler = init_meta["sampler"]
-    return {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
+    meta = {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
+    if cfg.data == "shapes":  # sample.py checks prompts against it
+        meta["vocabulary"] = VOCABULARY
+    return meta
 
 
 def mask_search(cfg, env):
@@ -369,11 +470,16 @@ def mask_search(cfg, env):
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) the configured stage; returns the log records written by this call."""
+    check_inputs(cfg)
+    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else model_config(cfg.model, **cfg.model_args).heads
+    parallel.check_heads(heads, cfg.sp_size)
     env = parallel.setup(cfg.device or None, cfg.sp_size)
     device = env.device
     if cfg.batch_size % env.dp_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {env.dp_size} data-parallel groups")
+        raise UserError(f"batch_size={cfg.batch_size} does not split over {env.dp_size} data-parallel groups "
+                        f"({env.world} processes / sp_size {env.sp_size}): make it a multiple of {env.dp_size}")
     local_bs = cfg.batch_size // env.dp_size
+    micro = cfg.micro_batch or (local_bs if device.type == "cuda" else CPU_MICRO_BATCH)
     torch.manual_seed(cfg.seed)
 
     if cfg.stage == 2:
@@ -397,34 +503,35 @@ def train(cfg: TrainConfig) -> list[dict]:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
                             fused=device.type == "cuda")
 
-    start = 0
-    found = checkpoints(cfg.run_dir)
-    if found:
-        start = load_checkpoint(found[-1], model, ema, opt)
+    start, resumed = resume(cfg, model, ema, opt, env.is_main)
     dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
     if dataset is not None:
         need = "caption" if model.text_encoder is not None else "text_emb"
         if need not in dataset[0]:
-            raise ValueError(f"the shards in {cfg.data!r} have no {need!r}, which a model with text_encoder="
-                             f"{model.cfg.text_encoder!r} reads (see data.py for the shard format)")
+            raise UserError(f"the shards in {cfg.data!r} have no {need!r}, which a model with text_encoder="
+                            f"{model.cfg.text_encoder!r} reads (see data.py for the shard format)")
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
     meta = checkpoint_meta(cfg, shape, init_meta)
 
-    net = model
+    net = ddp = model
     if env.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if cfg.compile and device.type == "cuda":
         net = torch.compile(net)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     objective = make_objective(cfg, model, net, ema, env)
 
+    log_path = os.path.join(cfg.run_dir, "log.jsonl")
     if env.is_main:
         os.makedirs(cfg.run_dir, exist_ok=True)
+        cut_log(log_path, start)  # a killed run logged steps past its last checkpoint: they run again
+        for name in os.listdir(cfg.run_dir):  # checkpoints a kill left half-written
+            if name.startswith(".tmp-ckpt-"):
+                shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
-              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}), "
-              f"steps {start} -> {cfg.steps}" + (f" (resumed from {found[-1]})" if found else ""))
-    log_path = os.path.join(cfg.run_dir, "log.jsonl")
+              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}, micro-batch {min(micro, local_bs)}), "
+              f"steps {start} -> {cfg.steps}" + (f" (resumed from {resumed})" if resumed else ""))
     records, bad = [], torch.zeros((), dtype=torch.bool, device=device)
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main, dynamic_ncols=True)
     t_start = t_last = time.time()
@@ -436,20 +543,30 @@ def train(cfg: TrainConfig) -> list[dict]:
         # one batch per data-parallel group: the ranks of a sequence-parallel group draw the same data, times
         # and noise
         x0, text, mask = get_batch(cfg, model, dataset, step, env.dp_rank, local_bs, device)
-        g = step_generator(cfg, step, env.dp_rank, device)
-        with autocast:
-            loss = objective(x0, text, mask, g)
+        t, eps = draw_noise(cfg, x0, step_generator(cfg, step, env.dp_rank, device))
         opt.zero_grad(set_to_none=True)
-        # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient, and
-        # DDP averages over all ranks, hence the factor sp_size
-        (loss * env.sp_size).backward()
+        loss = 0.0
+        for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
+            part = slice(i, i + micro)
+            last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
+            with autocast, (nullcontext() if last or ddp is model else ddp.no_sync()):
+                part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * (len(t[part]) / local_bs)
+                # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
+                # and DDP averages over all ranks, hence the factor sp_size
+                (part_loss * env.sp_size).backward()
+            loss = loss + part_loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
-        bad |= ~torch.isfinite(loss.detach())
+        bad |= ~torch.isfinite(loss)
 
         done = step + 1
+        if done == start + 1 and device.type == "cpu":  # a GPU-sized config on a CPU: say what it will take
+            hours = (time.time() - t_start) * (cfg.steps - done) / 3600
+            if hours > 1:
+                warn(f"on this CPU one step takes {time.time() - t_start:.0f} s: {cfg.steps - done} more steps "
+                     f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
         out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
             parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
         last_step = done == cfg.steps or out_of_time
@@ -473,37 +590,41 @@ def train(cfg: TrainConfig) -> list[dict]:
                     f.write(json.dumps(rec) + "\n")
         if (done % cfg.ckpt_every == 0 or last_step) and env.is_main:
             save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done})
-        parallel.barrier()
         if out_of_time:
             if env.is_main:
                 print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
             break
     pbar.close()
+    parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
     return records
 
 
+USAGE = "usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors]"
+
+
+@entry_point
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors]")
+        if argv and argv[0] in ("-h", "--help"):
+            print(USAGE + "\n\n" + __doc__.strip().split("\n\n")[0])
+            return
+        raise UserError(f"no config file given ({USAGE})")
     out = None
     if "--export" in argv:
         i = argv.index("--export")
         if i + 1 >= len(argv):
-            sys.exit("--export needs an output path")
+            raise UserError("--export needs an output path")
         out = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
-    try:
-        cfg = load_config(argv[0], argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cfg = load_config(argv[0], argv[1:])
     if out:
         export(cfg, out)
         return
     try:
         train(cfg)
     except FloatingPointError as e:
-        sys.exit(f"error: {e}")
+        raise UserError(str(e)) from None
     finally:
         parallel.cleanup()
 

@@ -138,7 +138,7 @@ def test_clear_errors(tmp_path):
         model_config("tiny", mask_plan=[1, 2, 3])
     with pytest.raises(ValueError, match="bytes"):
         tiny().tokenize(["x" * 100])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no checkpoint"):
         load_model(str(tmp_path / "missing.safetensors"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError):

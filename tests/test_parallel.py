@@ -72,7 +72,7 @@ def _heads_worker(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         m = DiT(model_config("tiny"))  # 2 heads
-        with pytest.raises(ValueError, match="2 attention heads.*group of 3"):
+        with pytest.raises(ValueError, match="2 attention heads.*3 processes; use one of 1, 2"):
             m.enable_sequence_parallel(dist.group.WORLD)
     finally:
         dist.destroy_process_group()

@@ -77,7 +77,7 @@ def test_config_validation(tmp_path):
         train.load_config(CONFIG, ["steps"])
     with pytest.raises(ValueError, match="unknown model keys"):
         train.load_config(CONFIG, ["model_args.dept=2"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="not found"):
         train.load_config(str(tmp_path / "none.yaml"))
     cfg = train.load_config(CONFIG, ["steps=7", "model_args.depth=3", "lr=1e-3"])
     assert cfg.steps == 7 and cfg.model_args == {"depth": 3} and cfg.lr == 1e-3
@@ -164,3 +164,71 @@ def test_shards_without_what_the_model_reads_are_a_clear_error(tmp_path):
                   "model_args.text_encoder=none", "model_args.text_dim=16")
     with pytest.raises(ValueError, match="no 'text_emb'"):
         train.train(cfg)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_skips_a_broken_newest_checkpoint_and_never_unpickles_code(tmp_path, capsys):
+    cfg = cfg_for(tmp_path, "steps=6")
+    train.train(cfg)  # ckpt-4 and ckpt-6 kept (keep=2)
+    run = cfg.run_dir
+    marker = tmp_path / "pwned"
+    torch.save({"step": 6, "optimizer": _Payload(str(marker))}, os.path.join(run, "ckpt-0000006", "state.pt"))
+    more = cfg_for(tmp_path, "steps=8")
+    records = train.train(more)
+    assert not marker.exists()  # the payload never ran
+    err = capsys.readouterr().err
+    assert "ckpt-0000006 does not load" in err
+    assert [r["step"] for r in records] == [5, 6, 7, 8]  # resumed from ckpt-0000004
+    assert os.path.isdir(os.path.join(run, "broken-ckpt-0000006"))
+
+    # a truncated newest checkpoint: named, set aside, the one before is taken
+    weights = os.path.join(run, "ckpt-0000008", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    records = train.train(cfg_for(tmp_path, "steps=9"))
+    assert "ckpt-0000008 does not load" in capsys.readouterr().err
+    assert [r["step"] for r in records] == [7, 8, 9]
+    steps = [r["step"] for r in read_log(run)]
+    assert steps == sorted(set(steps)) == list(range(1, 10))  # each step once in the log
+
+
+def test_kill_and_rerun_logs_each_step_once(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "steps=5", "ckpt_every=2")
+    real = train.get_batch
+    def killed_in_step_4(cfg, model, dataset, step, *a):
+        if step == 3:
+            raise KeyboardInterrupt  # step 3 was logged, the last checkpoint is step 2
+        return real(cfg, model, dataset, step, *a)
+    monkeypatch.setattr(train, "get_batch", killed_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2, 3]
+    monkeypatch.setattr(train, "get_batch", real)
+    train.train(cfg)
+    assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_under_another_config_stops_with_the_differences(tmp_path):
+    train.train(cfg_for(tmp_path, "steps=2"))
+    with pytest.raises(train.UserError, match=r"lr: 0.0003 -> 0.001; model: 'tiny' -> 'demo'"):
+        train.train(cfg_for(tmp_path, "steps=4", "model=demo", "lr=1e-3"))
+    records = train.train(cfg_for(tmp_path, "steps=4", "log_every=2", "ckpt_every=4"))  # run-length keys may change
+    assert [r["step"] for r in records] == [4]
+
+
+def test_micro_batches_give_the_same_step(tmp_path):
+    """Gradient accumulation over micro-batches is the same step as the whole batch at once."""
+    whole = train.train(cfg_for(tmp_path / "a", "steps=2", "micro_batch=4"))
+    split = train.train(cfg_for(tmp_path / "b", "steps=2", "micro_batch=3"))  # 3 + 1
+    for a, b in zip(whole, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -1,0 +1,88 @@
+"""How every entry point (sample, train, evaluate, bench, data, model) reports a user's mistake.
+
+A mistake in what the user gave (a path, a flag, a config key, a prompt, a process count) raises `UserError`;
+`@entry_point` turns it into one line on stderr, "error: ...", and exit status 2, printed once under torchrun
+(by rank 0; torchrun then adds its own report of the failed processes). Anything else is a bug and keeps its
+traceback. The argparse types below check flags before any
+model is loaded. Leaves out: logging, warnings (plain prints to stderr).
+"""
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+
+
+class UserError(ValueError):
+    """A mistake in the user's input: the message names the input and says what to do."""
+
+
+def entry_point(main):
+    """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            if os.environ.get("RANK", "0") == "0":
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            else:  # under torchrun the first process to exit has the others stopped: let rank 0 say it first
+                time.sleep(2)
+            sys.exit(2)
+    return run
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (the usage is in --help)."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def warn(message: str):
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (rejects nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def check_output_path(path: str, extensions=None) -> str:
+    """Fail now, not after the work, if `path` cannot be written: a folder on the way is a file, the folder is
+    not writable, or its extension is not one of `extensions`."""
+    ext = os.path.splitext(path)[1].lower()
+    if extensions is not None and ext not in extensions:
+        raise UserError(f"output {path!r}: the extension must be one of {', '.join(sorted(extensions))}")
+    if os.path.isdir(path):
+        raise UserError(f"output {path!r} is a folder: give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    parent = folder
+    while not os.path.exists(parent):  # the first folder on the way that exists must be a writable folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"output {path!r}: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output {path!r}: folder {parent!r} is not writable")
+    return path
