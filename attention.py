@@ -1,24 +1,26 @@
-"""Attention Tile: the k:(T-k) sparse 3D attention of Efficient-vDiT (arXiv 2502.06155), as FlexAttention.
+"""Attention Tile: the k:(T-k) sparse 3D attention of Efficient-vDiT (arXiv 2502.06155), as FlexAttention,
+and mask plans (one entry per layer).
 
 Video tokens are frame-major: T frames of S tokens, N = T*S. The mask "k:(T-k)" keeps k evenly spaced
 reference frames R = {round(i*T/k)}; a query in frame fq sees a key in frame fk iff fq == fk, fk in R or fq in R.
-k = T is full attention.
+k = T is full attention. In code, k is `num_ref` (the number of reference frames).
 
     tile_dense_mask   the reference definition, a bool [N, N] (tests and plots only)
     tile_block_mask   the same mask as a FlexAttention BlockMask, built from the frame structure (no N x N tensor)
     tile_attention    one self-attention call: dense SDPA when the mask is full, else the chosen sparse backend
 
+Plans: a plan entry is FULL or num_ref (text "k:(T-k)" is read too); parse_entry, expand_plan (one entry per
+layer), load_plan / save_plan (YAML), mask_label, density, plan_sparsity and plan_for_sparsity are the whole API.
+
 Sparse backends (all exact, tested against SDPA with the dense mask):
-    "flex"   compiled flex_attention with the cached BlockMask
-    "tile"   the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
-             frame over its own keys plus the reference keys (gathered per frame), batched over frames
-    "merge"  the same split without the per-frame gather: every other frame attends to its own keys (frames
-             folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
-             merged by their log-sum-exps. No backward (the lse carries no gradient).
-    "auto"   (the default) "merge" when no gradient is needed and a kernel returns the log-sum-exp (CPU; fp16 or
-             bf16 on sm80+ GPUs), "tile" otherwise (training, fp32 on GPU). On an H100/H200 both beat
-             flex for every mask of the paper's Table 1 and "merge" beats "tile" (BENCHMARKS.md); on the CPU
-             "merge" is the fastest too, and neither needs a compiler.
+    "flex"    compiled flex_attention with the cached BlockMask
+    "gather"  the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
+              frame over its own keys plus the reference keys (gathered per frame), batched over frames
+    "merge"   the same split without the per-frame gather: every other frame attends to its own keys (frames
+              folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
+              merged by their log-sum-exps. No backward (the lse carries no gradient).
+    "auto"    (the default) "merge" when no gradient is needed and a kernel returns the log-sum-exp (CPU; fp16
+              or bf16 on sm80+ GPUs), "gather" otherwise (training, fp32 on GPU). BENCHMARKS.md has the timings.
 
 Not here: the mask search (distill.py) and sequence parallelism (parallel.py).
 """
@@ -33,29 +35,57 @@ from cli import UserError
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
 FULL = "full"
+BACKENDS = ("auto", "flex", "gather", "merge")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The mask: reference frames, plan entries, dense reference
+# The mask and mask plans
 
-def reference_frames(num_frames: int, num_global: int) -> list[int]:
-    """R = {round(i*T/k) : i < k}, evenly spaced (Python round, as in SPEC section 1)."""
-    if not 1 <= num_global <= num_frames:
-        raise ValueError(f"num_global must be in 1..{num_frames} for {num_frames} frames, got {num_global}")
-    return sorted({round(i * num_frames / num_global) for i in range(num_global)})
+def reference_frames(num_frames: int, num_ref: int) -> list[int]:
+    """R = {round(i*T/k) : i < k}, evenly spaced (Python round)."""
+    if not 1 <= num_ref <= num_frames:
+        raise ValueError(f"num_ref must be in 1..{num_frames} for {num_frames} frames, got {num_ref}")
+    return sorted({round(i * num_frames / num_ref) for i in range(num_ref)})
 
 
-def resolve_k(entry, num_frames: int) -> int:
-    """A mask-plan entry ("full", an int k, or "k:(T-k)" text) -> number of reference frames, clipped to T."""
+def parse_entry(entry):
+    """A plan entry as written ("full", an int k, or "k:(T-k)" text like "1:7") -> FULL or num_ref (an int >= 1)."""
     if entry is None or entry == FULL:
-        return num_frames
+        return FULL
     if isinstance(entry, str):
-        if ":" not in entry or not entry.split(":")[0].strip().isdigit():
+        head = entry.split(":")[0].strip()
+        if ":" not in entry or not head.isdigit():
             raise UserError(f"mask entry {entry!r}: expected 'full', an int k, or 'k:(T-k)' like '1:7'")
-        entry = int(entry.split(":")[0])
+        entry = int(head)
     if isinstance(entry, bool) or not isinstance(entry, int) or entry < 1:
         raise UserError(f"mask entry {entry!r}: k must be a positive int (or 'full')")
-    return min(entry, num_frames)
+    return entry
+
+
+def entry_num_ref(entry, num_frames: int) -> int:
+    """A parsed entry's reference-frame count at T frames: T for FULL, k clipped to T (so k >= T is full)."""
+    return num_frames if entry == FULL else min(entry, num_frames)
+
+
+def mask_label(entry, num_frames: int) -> str:
+    """A parsed entry as text: "full" or "k:(T-k)"."""
+    k = entry_num_ref(entry, num_frames)
+    return FULL if entry == FULL else f"{k}:{num_frames - k}"
+
+
+def expand_plan(plan, depth: int) -> list:
+    """A mask plan (a list with one entry per layer or one for all layers, a single entry, or the path of a YAML
+    plan file) -> one parsed entry per layer."""
+    if isinstance(plan, str) and plan.endswith((".yaml", ".yml")):
+        plan = load_plan(plan)
+    if plan is None or isinstance(plan, (str, int)):
+        plan = [plan]
+    plan = [parse_entry(e) for e in plan]
+    if len(plan) == 1:
+        plan = plan * depth
+    if len(plan) != depth:
+        raise UserError(f"mask plan has {len(plan)} entries for {depth} layers")
+    return plan
 
 
 def load_plan(path: str) -> list:
@@ -73,24 +103,60 @@ def load_plan(path: str) -> list:
     return doc["plan"]
 
 
-def frame_mask(num_frames: int, num_global: int, device=None) -> torch.Tensor:
+def save_plan(path: str, plan: list, num_frames: int, header: dict | None = None, layers: list | None = None):
+    """Write a plan file that load_plan reads: `header` keys, T, the mean sparsity at T, `plan:`, and per-layer
+    `layers:` rows if given (stage 2's errors). -> the mean sparsity."""
+    import yaml
+    sparsity = plan_sparsity(plan, num_frames)
+    doc = {**(header or {}), "num_frames": num_frames, "mean_sparsity": round(sparsity, 4), "plan": list(plan)}
+    if layers is not None:
+        doc["layers"] = layers
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return sparsity
+
+
+def frame_mask(num_frames: int, num_ref: int, device=None) -> torch.Tensor:
     """bool [T, T]: which frame tiles are kept."""
     ref = torch.zeros(num_frames, dtype=torch.bool, device=device)
-    ref[reference_frames(num_frames, num_global)] = True
+    ref[reference_frames(num_frames, num_ref)] = True
     same = torch.eye(num_frames, dtype=torch.bool, device=device)
     return same | ref[None, :] | ref[:, None]
 
 
-def tile_dense_mask(num_frames: int, tokens_per_frame: int, num_global: int, device=None) -> torch.Tensor:
+def density(num_frames: int, num_ref: int) -> float:
+    """Fraction of kept frame tiles: (2kT - k^2 + T - k) / T^2."""
+    return frame_mask(num_frames, num_ref).float().mean().item()
+
+
+def plan_sparsity(plan, num_frames: int) -> float:
+    """Mean frame-tile sparsity of a plan (one entry per layer) at T frames."""
+    return 1 - sum(density(num_frames, entry_num_ref(parse_entry(e), num_frames)) for e in plan) / len(plan)
+
+
+def plan_for_sparsity(num_frames: int, depth: int, target: float) -> tuple[list, float]:
+    """A plan of mean sparsity ~target (benchmarks): the layers split between the two adjacent num_ref that
+    bracket it. -> (plan, its sparsity)."""
+    T = num_frames
+    sp = {k: 1 - density(T, k) for k in range(1, T + 1)}  # decreasing in k
+    hi = max((k for k in sp if sp[k] >= target), default=1)  # sparsest side
+    lo = min(hi + 1, T)
+    frac = 1.0 if sp[hi] == sp[lo] else (target - sp[lo]) / (sp[hi] - sp[lo])  # share of layers at `hi`
+    n_hi = round(min(max(frac, 0.0), 1.0) * depth)
+    plan = [hi] * n_hi + [lo] * (depth - n_hi)
+    return plan, plan_sparsity(plan, T)
+
+
+def tile_dense_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device=None) -> torch.Tensor:
     """The reference definition: bool [N, N], True where a query (row) may attend to a key (column)."""
-    tiles = frame_mask(num_frames, num_global, device)
+    tiles = frame_mask(num_frames, num_ref, device)
     return tiles.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_global: int, device=None):
+def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_ref: int, device=None):
     """The mask as a FlexAttention mask_mod closure, attention-gym style."""
     ref = torch.zeros(num_frames, dtype=torch.bool, device=device)
-    ref[reference_frames(num_frames, num_global)] = True
+    ref[reference_frames(num_frames, num_ref)] = True
     S = tokens_per_frame
 
     def attention_tile(b, h, q_idx, kv_idx):
@@ -98,16 +164,6 @@ def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_global: int, devic
         return (fq == fk) | ref[fk] | ref[fq]
 
     return attention_tile
-
-
-def density(num_frames: int, num_global: int) -> float:
-    """Fraction of kept frame tiles: (2kT - k^2 + T - k) / T^2."""
-    return frame_mask(num_frames, num_global).float().mean().item()
-
-
-def plan_sparsity(plan, num_frames: int) -> float:
-    """Mean frame-tile sparsity of a mask plan (one entry per layer) at T frames."""
-    return 1 - sum(density(num_frames, resolve_k(e, num_frames)) for e in plan) / len(plan)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,10 +196,10 @@ def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: int) -> Bl
         mask_mod=tile_mask_mod(T, S, k, device), seq_lengths=(N, N))
 
 
-def tile_block_mask(num_frames: int, tokens_per_frame: int, num_global: int, device="cpu",
+def tile_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device="cpu",
                     block_size: int = BLOCK_SIZE) -> BlockMask:
     """The k:(T-k) mask as a BlockMask, cached per (shape, k, device). Never materialises N x N."""
-    return _tile_block_mask(num_frames, tokens_per_frame, num_global, str(torch.device(device)), block_size)
+    return _tile_block_mask(num_frames, tokens_per_frame, num_ref, str(torch.device(device)), block_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -167,7 +223,7 @@ _DENSE_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
 
 
 def dense_attention(q, k, v, attn_mask=None):
-    """SDPA, preferring cuDNN then Flash on GPU (cuDNN is ~1.4x flex dense on H100 at head dim 96)."""
+    """SDPA, preferring cuDNN then Flash on GPU (the fastest dense kernels there, BENCHMARKS.md)."""
     if q.is_cuda and attn_mask is None:
         with sdpa_kernel(_DENSE_PRIORITY, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v)
@@ -192,11 +248,11 @@ def _frame_split_uncached(T: int, k: int, device) -> tuple:
 _frame_split_cached = lru_cache(maxsize=64)(_frame_split_uncached)
 
 
-def _with_reference_rows(q, k, v, num_frames: int, num_global: int):
-    """The start shared by the dense rewrites: q, k, v as [B, H, T, S, D], the frame split, and the output
+def _with_reference_rows(q, k, v, num_frames: int, num_ref: int):
+    """The start shared by the dense rewrites (gather, merge): q, k, v as [B, H, T, S, D], the frame split, and the output
     [B, H, T, S, D] with the reference frames' rows done (their queries attend to every key)."""
     T = num_frames
-    ref, rest = _frame_split(T, num_global, q.device)
+    ref, rest = _frame_split(T, num_ref, q.device)
     q5, k5, v5 = (x.unflatten(2, (T, -1)) for x in (q, k, v))
     out = torch.empty_like(q5)
     out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (len(ref), -1)))
@@ -208,9 +264,9 @@ def _by_frame(x5):
     return x5.transpose(1, 2).flatten(0, 1)
 
 
-def tile_sdpa(q, k, v, num_frames: int, num_global: int):
-    """The tile mask as two dense kernels. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
-    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_global)
+def gather_sdpa(q, k, v, num_frames: int, num_ref: int):
+    """The tile mask as two dense kernels, reference keys gathered per frame. q, k, v: [B, H, T*S, D] -> same."""
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref)
     B, H, _, S, D = q5.shape
     if len(rest):
         # every other frame: its own S keys then the k*S reference keys, frames folded into the batch
@@ -250,12 +306,12 @@ def _attention_lse(q, k, v):
     return out, lse.reshape(q.shape[:-1]).float()
 
 
-def merge_sdpa(q, k, v, num_frames: int, num_global: int):
+def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
     """The tile mask as three dense kernels and a log-sum-exp merge, with no key/value copied per frame:
     reference-frame queries over all keys; every other frame over its own keys (frames folded into the batch)
     and, in one call, over the reference keys; the two partial softmaxes merged by their log-sum-exps.
     Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
-    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_global)
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref)
     B, F_, S = q5.shape[0], len(rest), q5.shape[3]
     if F_:
         q_rest, k_rest, v_rest = (x.index_select(2, rest) for x in (q5, k5, v5))  # [B, H, F, S, D]
@@ -268,25 +324,25 @@ def merge_sdpa(q, k, v, num_frames: int, num_global: int):
     return out.flatten(2, 3)
 
 
-def tile_attention(q, k, v, num_frames: int, num_global: int, backend: str = "auto"):
+def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"):
     """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
-    "auto" runs "merge" when no gradient is needed (sampling, evaluation, the mask search) and "tile" when one
+    "auto" runs "merge" when no gradient is needed (sampling, evaluation, the mask search) and "gather" when one
     is (training) or when no kernel returns a log-sum-exp for these inputs (fp32 on a GPU)."""
     N = q.shape[2]
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
-    if num_global >= num_frames:
+    if num_ref >= num_frames:
         return dense_attention(q, k, v)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if backend == "auto":
-        backend = "tile" if needs_grad or _lse_kernel(q) is None else "merge"
+        backend = "gather" if needs_grad or _lse_kernel(q) is None else "merge"
     if backend == "flex":
-        return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_global, q.device))
-    if backend == "tile":
-        return tile_sdpa(q, k, v, num_frames, num_global)
+        return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_ref, q.device))
+    if backend == "gather":
+        return gather_sdpa(q, k, v, num_frames, num_ref)
     if backend == "merge":
         if needs_grad:
             raise ValueError("the 'merge' backend has no backward (its log-sum-exp carries no gradient); "
-                             "train with 'tile' or 'auto'")
-        return merge_sdpa(q, k, v, num_frames, num_global)
-    raise ValueError(f"unknown attention backend {backend!r}: use 'auto', 'flex', 'tile' or 'merge'")
+                             "train with 'gather' or 'auto'")
+        return merge_sdpa(q, k, v, num_frames, num_ref)
+    raise UserError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")

@@ -25,7 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 
 from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
-from attention import density, plan_sparsity, tile_attention, tile_block_mask, tile_dense_mask
+from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
+                       tile_attention, tile_block_mask, tile_dense_mask)
 
 SPEC_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # SPEC section 1, Table 1
 FRAMES = {8: "29f", 24: "93f"}
@@ -97,7 +98,7 @@ def bench_attention(args):
             sl = slice(0, 1)
             ref = F.scaled_dot_product_attention(q[:, sl].float(), k[:, sl].float(), v[:, sl].float(),
                                                  attn_mask=tile_dense_mask(T, S, kk, dev)) if N <= 30000 else None
-            for backend in ("flex", "tile", "merge"):
+            for backend in ("flex", "gather", "merge"):
                 fn = lambda: tile_attention(q, k, v, T, kk, backend)
                 ms = timeit(fn)
                 err = (fn()[:, sl].float() - ref).abs().max().item() if ref is not None else float("nan")
@@ -111,17 +112,6 @@ def bench_attention(args):
     print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%ideal",
                        "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
     return rows
-
-
-def plan_for_sparsity(T, depth, target):
-    """A plan of mean frame-tile sparsity ~target: layers split between the two adjacent k that bracket it."""
-    sp = {k: 1 - density(T, k) for k in range(1, T + 1)}  # decreasing in k
-    hi = max((k for k in sp if sp[k] >= target), default=1)  # sparsest side
-    lo = min(hi + 1, T)
-    frac = 1.0 if sp[hi] == sp[lo] else (target - sp[lo]) / (sp[hi] - sp[lo])  # share of layers at `hi`
-    n_hi = round(min(max(frac, 0.0), 1.0) * depth)
-    plan = [hi] * n_hi + [lo] * (depth - n_hi)
-    return plan, plan_sparsity(plan, T)
 
 
 def osp_config(tiny: bool):
@@ -154,21 +144,11 @@ def model_plans(T, depth):
     return plans
 
 
-def compile_blocks(model):
-    """Regional compilation: each transformer block is compiled on its own (nn.Module.compile), and the
-    identical blocks share one compiled graph per mask entry, so a 32-layer model compiles in the time of one
-    block. The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward)."""
-    for block in model.blocks:
-        if getattr(block, "_compiled_call_impl", None) is None:
-            block.compile(dynamic=False)
-    return model
-
-
 def model_call(model, x, text, mask, args, batch=1):
     """-> a function of no arguments that runs one forward (blocks compiled with --compile)."""
     x, text, mask = (torch.cat([a] * batch) for a in (x, text, mask))
     t = torch.full((batch,), 0.5, device=x.device)
-    fn = compile_blocks(model) if args.compile else model
+    fn = model.compile_blocks() if args.compile else model
 
     def call():
         with torch.no_grad():
@@ -208,7 +188,8 @@ def profile_split(call):
 
 
 def bench_model(args):
-    import model as model_lib
+    """The osp12 forward under full attention and plans of ~45% / ~55% sparsity; the share of the forward's
+    device time spent in attention kernels comes from profile_split."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, x, text, mask = osp_model(args, dev, dtype, args.frames)
@@ -218,18 +199,11 @@ def bench_model(args):
         model.set_mask_plan(plan)
         torch._dynamo.reset()
         ms = forward_ms(model, x, text, mask, args)
-        real = model_lib.tile_attention
-        model_lib.tile_attention = lambda q, k, v, *a, **kw: q  # the same forward without self-attention
-        try:
-            torch._dynamo.reset()
-            rest = forward_ms(model, x, text, mask, args)
-        finally:
-            model_lib.tile_attention = real
+        split = profile_split(model_call(model, x, text, mask, args))
         rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "frames": f"{x.shape[2]} latent",
                      "plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms/forward": fmt(ms, 1),
-                     "attention%": fmt(100 * (ms - rest) / ms, 1), "compiled": args.compile, "backend": args.backend})
-        if args.profile:
-            rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
+                     "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                     "compiled": args.compile, "backend": args.backend, **(split if args.profile else {})})
     for r in rows:
         r["speedup"] = fmt(rows[0]["ms/forward"] / r["ms/forward"])
     split = SPLIT_COLS if args.profile else []
@@ -278,7 +252,7 @@ def bench_e2e(args):
         rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name,
                      "s/video": fmt(steps * ms / 1e3, 2)})
         if not cfg:  # the student's whole sampling loop, timed as it runs, and checked for host syncs
-            loop = sampling_loop(compile_blocks(model) if args.compile else model, x, text, mask, steps)
+            loop = sampling_loop(model.compile_blocks() if args.compile else model, x, text, mask, steps)
             rows[-1]["loop_s"] = fmt(timeit(loop, warmup=1, repeat=max(1, args.repeat // 2)) / 1e3, 2)
             rows[-1]["host_sync"] = host_syncs(loop)
     for r in rows:
@@ -292,8 +266,7 @@ def bench_plans(args):
     """A checkpoint at its own video shape under each plan (and full): all layers' self-attention (random q/k/v
     of the real shape, each layer's mask) and the whole forward, in ms, with speedups over full attention.
     The plans take turns within every repeat, so a slow spell of a shared machine hits them all alike."""
-    from attention import load_plan, resolve_k
-    from model import expand_plan, load_model
+    from model import load_model
     if not args.checkpoint:
         raise UserError("plans mode needs --checkpoint (and --plans)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -307,7 +280,7 @@ def bench_plans(args):
     t = torch.full((args.batch,), 0.5, device=dev)
     text, mask = (a.to(dev) for a in model.tokenize(["a red circle moving right"] * args.batch))
     plans = [("full", ["full"])] + [(p, load_plan(p)) for p in args.plans]
-    ks = {name: [resolve_k(e, T) for e in expand_plan(plan, model.cfg.depth)] for name, plan in plans}
+    ks = {name: [entry_num_ref(e, T) for e in expand_plan(plan, model.cfg.depth)] for name, plan in plans}
     ms = {name: {"attention": [], "forward": []} for name, _ in plans}
     with torch.inference_mode():
         for i in range(args.repeat + 1):  # round 0 warms up
@@ -384,7 +357,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
                    help="attention, model, sp: split one call's device time by kind (attention, matmul, ...)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tile", "merge", "flex"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="model/e2e/sp: the sparse attention backend of the model's layers (attention.py)")
     p.add_argument("--repeat", type=positive_int, default=5)
     p.add_argument("--base-steps", type=positive_int, default=100)

@@ -27,13 +27,19 @@ Stage 3, knowledge distillation: the stage-1 model with full attention teaches t
 searched plan: loss = w_out * MSE(v_student, v_teacher) + w_attn * mean over layers of MSE(O_student, O_teacher),
 O being each layer's attention output, on the same noisy input.
 """
+import os
+from contextlib import contextmanager
+
 import torch
-import yaml
+from tqdm import tqdm
 
 import flow
 import parallel
-from attention import FULL, density, frame_mask, plan_sparsity, resolve_k, tile_attention
-from data import to_image
+from attention import FULL, density, entry_num_ref, frame_mask, mask_label, save_plan, tile_attention
+from data import to_image, validation_prompts
+from model import load_model
+
+CALIBRATION_SEED = 10_000  # noise seeds of the stage-2 calibration samples: 10_000, 10_001, ...
 
 
 def segment_start(t, num_segments: int):
@@ -77,9 +83,9 @@ def mlcd_loss(student_fn, teacher_fn, target_fn, x0, eps, t, num_segments: int, 
 # Stage 2: layer-wise mask search
 
 class AttentionProbe:
-    """Observer for every layer (model.SelfAttention.observer) of a model running full attention: accumulates,
+    """Observer of every layer (model.SelfAttention.observer) of a model running full attention: accumulates,
     per candidate k, the squared deviation of the sparse output from the layer's full output, and the
-    attention mass per frame-to-frame tile."""
+    attention mass per frame-to-frame tile. Attached only inside `with probe.attached(model):`."""
 
     def __init__(self, candidates, depth, num_frames):
         self.candidates = list(candidates)
@@ -97,6 +103,16 @@ class AttentionProbe:
             self.tiles[layer] += tile_mass(q, k, num_frames).double().cpu()
             self.count[layer] += 1
         return observe
+
+    @contextmanager
+    def attached(self, model):
+        for i, block in enumerate(model.blocks):
+            block.attn.observer = self.observer(i)
+        try:
+            yield self
+        finally:
+            for block in model.blocks:
+                block.attn.observer = None
 
     def errors(self):
         return (self.sq_err / self.sq_ref[:, None]).sqrt()  # [depth, candidates] relative L2
@@ -121,17 +137,11 @@ def choose_plan(errors, candidates, threshold: float):
     return plan
 
 
-def mask_label(entry, num_frames: int) -> str:
-    """A plan entry as text: "full" or "k:(T-k)"."""
-    k = resolve_k(entry, num_frames)
-    return FULL if entry == FULL else f"{k}:{num_frames - k}"
-
-
 def plan_report(plan, errors, candidates, num_frames):
-    """Rows for the YAML file and the printed table: layer, mask, measured error, density."""
+    """Rows for the plan file and the printed table: layer, mask, measured error, density."""
     rows = []
     for layer, entry in enumerate(plan):
-        k = resolve_k(entry, num_frames)
+        k = entry_num_ref(entry, num_frames)
         err = 0.0 if entry == FULL else errors[layer, candidates.index(k)].item()
         rows.append({"layer": layer, "mask": mask_label(entry, num_frames), "k": entry,
                      "error": round(err, 5), "density": round(density(num_frames, k), 4)})
@@ -139,13 +149,53 @@ def plan_report(plan, errors, candidates, num_frames):
 
 
 def write_plan(path, rows, threshold, num_frames):
-    mean_sparsity = plan_sparsity([r["k"] for r in rows], num_frames)
-    doc = {"threshold": threshold, "num_frames": num_frames, "mean_sparsity": round(mean_sparsity, 4),
-           "metric": "relative L2 of the attention output vs full attention", "plan": [r["k"] for r in rows],
-           "layers": rows}
-    with open(path, "w") as f:
-        yaml.safe_dump(doc, f, sort_keys=False)
-    return mean_sparsity
+    """A stage-2 plan file (attention.save_plan) with its threshold and per-layer errors. -> mean sparsity."""
+    return save_plan(path, [r["k"] for r in rows], num_frames, layers=rows, header={
+        "threshold": threshold, "metric": "relative L2 of the attention output vs full attention"})
+
+
+def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
+    """Stage 2: measure every layer's error under every candidate mask along the `cfg.init` model's own
+    sampling trajectories (cfg.calib_prompts prompts x cfg.calib_seeds seeds), pick the plan for threshold
+    cfg.threshold (and for each r of cfg.sweep), write plan.yaml, plan-r{r}.yaml, search.pt and the PNGs to
+    cfg.run_dir (rank 0), print the table. -> one record per threshold: r, plan, mean sparsity, file."""
+    model, meta = load_model(cfg.init, device)
+    model.set_mask_plan([FULL])  # errors are measured against full attention
+    T = meta["video_shape"][1] // model.cfg.patch_size[0]
+    candidates = sorted(cfg.candidates) or list(range(1, T))
+    probe = AttentionProbe(candidates, model.cfg.depth, T)
+    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1)  # evaluation uses seed 0
+    sampler = flow.sampler_settings(meta)
+    with probe.attached(model):
+        for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not is_main):
+            flow.generate(model, prompts, meta["video_shape"], sampler, seed=CALIBRATION_SEED + seed)
+    errors = probe.errors()
+    records = []
+    for r in [cfg.threshold] + list(cfg.sweep):  # the paper's r sweep reuses the same measurements
+        plan = choose_plan(errors, candidates, r)
+        name = "plan.yaml" if not records else f"plan-r{r}.yaml"
+        records.append({"threshold": r, "plan": plan, "mean_sparsity": None, "file": os.path.join(cfg.run_dir, name),
+                        "rows": plan_report(plan, errors, candidates, T)})
+    if not is_main:  # under torchrun every rank searches alike; one writes
+        return records
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    for rec in records:
+        rec["mean_sparsity"] = round(write_plan(rec["file"], rec["rows"], rec["threshold"], T), 4)
+    torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]},
+               os.path.join(cfg.run_dir, "search.pt"))
+    layers = sorted({0, model.cfg.depth // 2, model.cfg.depth - 1})
+    save_tile_maps_png(os.path.join(cfg.run_dir, "tile_maps.png"), probe.tiles, layers, records[0]["plan"])
+    save_plan_png(os.path.join(cfg.run_dir, "plan.png"), records[0]["rows"], T)
+    print(f"{'layer':>5} {'mask':>6} {'error':>8} {'density':>8}   errors for k = {candidates}")
+    for row, e in zip(records[0]["rows"], errors.tolist(), strict=True):
+        print(f"{row['layer']:>5} {row['mask']:>6} {row['error']:>8.4f} {row['density']:>8.3f}   "
+              + " ".join(f"{x:.3f}" for x in e))
+    first, *sweep = records
+    print(f"r = {first['threshold']}: mean attention sparsity {100 * first['mean_sparsity']:.1f}%; wrote {first['file']}")
+    for rec in sweep:
+        print(f"  r = {rec['threshold']:<5}: mean sparsity {100 * rec['mean_sparsity']:5.1f}%  plan {rec['plan']}  "
+              f"-> {os.path.basename(rec['file'])}")
+    return records
 
 
 def _enlarge(x, scale: int):
@@ -173,7 +223,7 @@ def save_tile_maps_png(path, tiles, layers, plan, scale=12):
         heat = _enlarge(_heat(m), scale)
         x0 = pad + i * (side + pad)
         img.paste(to_image(heat), (x0, pad))
-        kept = _enlarge(frame_mask(T, resolve_k(plan[layer], T)).float(), scale)
+        kept = _enlarge(frame_mask(T, entry_num_ref(plan[layer], T)).float(), scale)
         img.paste(to_image(kept * 255).convert("RGB"), (x0, side + 2 * pad))
         draw.text((x0, 4), f"layer {layer}", fill="white")
         draw.text((x0, side + pad + 4), mask_label(plan[layer], T), fill="white")
@@ -187,7 +237,7 @@ def save_plan_png(path, rows, num_frames, scale=6):
     img = Image.new("RGB", (len(rows) * (side + pad) + pad, side + 3 * pad + 12), "black")
     draw = ImageDraw.Draw(img)
     for i, r in enumerate(rows):
-        kept = frame_mask(num_frames, resolve_k(r["k"], num_frames)).to(torch.uint8) * 255
+        kept = frame_mask(num_frames, entry_num_ref(r["k"], num_frames)).to(torch.uint8) * 255
         tile = _enlarge(kept, scale)
         x0 = pad + i * (side + pad)
         img.paste(to_image(tile).convert("RGB"), (x0, 2 * pad + 12))
@@ -199,27 +249,37 @@ def save_plan_png(path, rows, num_frames, scale=6):
 # Stage 3: knowledge distillation into the sparse model
 
 class AttentionRecorder:
-    """Observer that keeps every layer's attention output of one forward, in layer order."""
+    """Every layer's attention output of the forwards run inside `with recorder:` (in layer order); outside it
+    the model's layers have no observer. The same recorder object is attached each time, so a compiled model
+    sees one observer and compiles once."""
 
     def __init__(self, model, detach: bool):
-        self.outputs, self.detach = [], detach
-        for block in model.blocks:
-            block.attn.observer = self.record
+        self.model, self.detach, self.outputs = model, detach, []
 
-    def record(self, q, k, v, out, num_frames):
+    def __call__(self, q, k, v, out, num_frames):
         self.outputs.append(out.detach() if self.detach else out)
 
-    def take(self):
-        outputs, self.outputs = self.outputs, []
-        return outputs
+    def __enter__(self):
+        self.outputs = []
+        for block in self.model.blocks:
+            block.attn.observer = self
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.model.blocks:
+            block.attn.observer = None
 
 
 def kd_loss(v_student, v_teacher, attn_student, attn_teacher, w_out: float, w_attn: float, sp_group=None):
     """Output MSE plus the mean over layers of the attention-output MSE. Under sequence parallelism each rank
     records its own heads (a 1/P share of each layer's mean): it backpropagates that share and logs the total."""
     loss = w_out * (v_student.float() - v_teacher.float()).pow(2).mean()
-    if w_attn and attn_student:
-        layer = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(attn_student, attn_teacher)]).mean()
+    if w_attn:
+        if not attn_student or len(attn_student) != len(attn_teacher):
+            raise ValueError(f"layer-wise KD pairs layers one to one: the student recorded {len(attn_student)} "
+                             f"attention outputs, the teacher {len(attn_teacher)}")
+        layer = torch.stack([(a.float() - b.float()).pow(2).mean()
+                             for a, b in zip(attn_student, attn_teacher, strict=True)]).mean()
         if sp_group is not None:
             layer = parallel.group_total(layer / parallel.group_size(sp_group), sp_group)
         loss = loss + w_attn * layer

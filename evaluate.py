@@ -31,6 +31,7 @@ ATTRS = ("colour", "shape", "direction")
 MIN_SHIFT = 0.125  # smallest centroid shift (fraction of the frame side) that counts as a direction
 SQUARE_FILL = 0.9  # a square fills its bbox (~1) and has >= 3 of its 4 bbox corners lit; circles have none
 TRIANGLE_CENTROID = 0.59  # relative centroid height in the bbox above which a blob is a triangle
+SEED_STRIDE = 7919  # noise seed of batch i under --seed s: s * SEED_STRIDE + i (a prime, so runs never share one)
 
 
 def largest_blob(mask):
@@ -179,10 +180,10 @@ def main(argv=None):
 
 
 def evaluate_checkpoint(args):
+    import flow
     import parallel
     from attention import load_plan
     from model import load_model
-    from sample import generate, sampler_settings
     if any(shift == 0 for shift in args.shift if shift is not None):
         raise UserError("--shift must be > 0")
     device = parallel.pick_device(args.device)
@@ -192,11 +193,11 @@ def evaluate_checkpoint(args):
         model.set_mask_plan(plan)
     prompts = validation_prompts(args.n, args.seed)
     for steps, cfg, shift in itertools.product(args.steps, args.cfg, args.shift):
-        s = sampler_settings(meta, steps, cfg, shift)
-        batches = iter(range(10**9))
+        s = flow.sampler_settings(meta, steps, cfg, shift)
+        batches = itertools.count()  # each batch of prompts gets its own noise seed
+
         def sample_fn(chunk):
-            videos = generate(model, meta, chunk, seed=args.seed * 7919 + next(batches), steps=steps, cfg=cfg,
-                              shift=shift)
+            videos = flow.generate(model, chunk, meta["video_shape"], s, seed=args.seed * SEED_STRIDE + next(batches))
             if not torch.isfinite(videos).all():
                 raise UserError(f"{args.checkpoint!r} samples nan or inf at steps {steps}, cfg {cfg}: not scored")
             return videos
@@ -205,7 +206,7 @@ def evaluate_checkpoint(args):
         result = evaluate_model(sample_fn, prompts, args.batch_size)
         per_video = (time.time() - t0) / len(prompts)
         row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"),
-               "steps": s["steps"], "cfg": s["cfg"], "shift": s.get("shift", 1.0),
+               "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
                "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
                f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
         print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")

@@ -2,8 +2,9 @@
 
 Convention: x_t = (1 - t) x0 + t eps, t = 0 is data, t = 1 is noise; the network predicts the velocity
 v = eps - x0, so dx/dt = v and one Euler step from t to s is x_s = x_t + (s - t) v.
-Used by train.py (stage 0 loss), sample.py and evaluate.py (Euler with classifier-free guidance) and distill.py
-(the teacher's solver step). Leaves out: anything about the network's shape or the text encoder.
+Used by train.py (stage 0 loss), sample.py, evaluate.py and the mask search (`generate`: prompts -> videos in a
+checkpoint's recipe) and distill.py (the teacher's solver step). Leaves out: anything about the network's
+shape; the text goes through the model's own tokenize / encode_text.
 """
 import torch
 
@@ -60,3 +61,33 @@ def euler_sample(velocity_fn, noise, steps: int, shift: float = 1.0, progress=No
         t = ts[i].expand(x.shape[0])
         x = x + (ts[i + 1] - ts[i]) * velocity_fn(x, t).to(x.dtype)
     return x
+
+
+DEFAULT_SAMPLER = {"name": "euler", "steps": 50, "cfg": 1.0, "shift": 1.0}
+
+
+def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
+    """The checkpoint's sampler (its metadata's `sampler`), with any of steps / cfg / shift overridden."""
+    s = {**DEFAULT_SAMPLER, **meta.get("sampler", {})}
+    for key, value in (("steps", steps), ("cfg", cfg), ("shift", shift)):
+        if value is not None:
+            s[key] = value
+    if s["name"] != "euler":
+        raise ValueError(f"checkpoint asks for sampler {s['name']!r}; this code knows 'euler'")
+    return s
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[str], video_shape, sampler: dict, seed: int = 0, progress=None):
+    """-> videos [n, *video_shape] for the prompts with a sampler from sampler_settings. The noise depends only on
+    the seed (drawn on the CPU); the empty caption is encoded only where guidance needs it."""
+    if model.text_encoder is None:
+        raise ValueError("generate() prompts a model with its own text encoder; this one reads precomputed "
+                         "text embeddings (text_encoder: none)")
+    device = next(model.parameters()).device
+    noise = torch.randn(len(prompts), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))
+    uncond = None if sampler["cfg"] == 1.0 else \
+        model.encode_text(*(x.to(device) for x in model.tokenize([""] * len(prompts))))
+    return euler_sample(lambda x, t: cfg_velocity(model, x, t, cond, uncond, sampler["cfg"]),
+                        noise, sampler["steps"], sampler["shift"], progress)

@@ -20,7 +20,7 @@ from einops import rearrange
 
 import parallel
 from cli import UserError
-from attention import FULL, load_plan, resolve_k, tile_attention
+from attention import BACKENDS, FULL, entry_num_ref, expand_plan, tile_attention
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelConfig:
     text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
     text_encoder_depth: int = 2
     mask_plan: list = field(default_factory=lambda: [FULL])  # per layer: "full" or k; one entry = all layers
-    attn_backend: str = "auto"          # sparse kernel: "auto", "flex", "tile" or "merge" (attention.py)
+    attn_backend: str = "auto"          # sparse kernel: "auto", "flex", "gather" or "merge" (attention.py)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -46,6 +46,8 @@ class ModelConfig:
             raise UserError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.text_encoder not in ("none", "bytes"):
             raise UserError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
+        if self.attn_backend not in BACKENDS:
+            raise UserError(f"attn_backend {self.attn_backend!r}: use one of {', '.join(BACKENDS)}")
         self.mask_plan = expand_plan(self.mask_plan, self.depth)
 
     @property
@@ -72,28 +74,15 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
-def expand_plan(plan, depth: int) -> list:
-    """A mask plan: one entry per layer ("full" or k reference frames), a single entry for all layers, or the
-    path of a YAML plan file (attention.load_plan)."""
-    if isinstance(plan, str) and plan.endswith((".yaml", ".yml")):
-        plan = load_plan(plan)
-    if plan is None or isinstance(plan, (str, int)):
-        plan = [plan if plan is not None else FULL]
-    plan = list(plan)
-    if len(plan) == 1:
-        plan = plan * depth
-    if len(plan) != depth:
-        raise UserError(f"mask plan has {len(plan)} entries for {depth} layers")
-    for entry in plan:
-        resolve_k(entry, 1 << 30)  # validates the entry
-    return [FULL if e == FULL else (int(e.split(":")[0]) if isinstance(e, str) else int(e)) for e in plan]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Pieces
 
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
+
+
+TIME_FEATURES = 256  # sinusoidal features of the diffusion time, before the timestep MLP
+BYTE_VOCAB = 256 + 2  # the byte-level text encoder's tokens: pad (0), start (1), then the 256 bytes
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -136,7 +125,7 @@ class SelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
         self.backend = cfg.attn_backend
-        self.mask = FULL  # this layer's plan entry, set by DiT.set_mask_plan
+        self.plan_entry = FULL  # this layer's mask: FULL or its number of reference frames (DiT.set_mask_plan)
         self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
 
     def forward(self, x, rope, num_frames, sp_group=None):
@@ -146,7 +135,7 @@ class SelfAttention(nn.Module):
             qkv = parallel.seq_to_heads(qkv, sp_group)[:, :N]
         q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
         q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
-        o = tile_attention(q, k, v, num_frames, resolve_k(self.mask, num_frames), self.backend)
+        o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
         o = rearrange(o, "b h n d -> b n h d")
@@ -199,7 +188,7 @@ class ByteTextEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed = nn.Embedding(258, cfg.text_dim)
+        self.embed = nn.Embedding(BYTE_VOCAB, cfg.text_dim)
         self.pos = nn.Parameter(torch.zeros(cfg.text_len, cfg.text_dim))
         layer = nn.TransformerEncoderLayer(cfg.text_dim, max(1, cfg.text_dim // 64), 4 * cfg.text_dim,
                                            dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
@@ -234,7 +223,7 @@ class DiT(nn.Module):
         self.patch_embed = nn.Linear(self.patch_dim, D)
         # optional: RoPE is relative; an absolute frame index makes "which frame comes first" a per-token fact
         self.frame_embed = nn.Parameter(torch.zeros(cfg.max_frames, D)) if cfg.max_frames else None
-        self.t_embed = nn.Sequential(nn.Linear(256, D), nn.SiLU(), nn.Linear(D, D))
+        self.t_embed = nn.Sequential(nn.Linear(TIME_FEATURES, D), nn.SiLU(), nn.Linear(D, D))
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))  # adaLN-single
         self.text_encoder = ByteTextEncoder(cfg) if cfg.text_encoder == "bytes" else None
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
@@ -269,10 +258,20 @@ class DiT(nn.Module):
             nn.init.normal_(self.text_encoder.pos, std=0.02)
 
     def set_mask_plan(self, plan):
-        """Give each layer its Attention Tile entry ("full" or k). The model runs unchanged on any plan."""
+        """Give each layer its Attention Tile entry (attention.expand_plan). The model runs unchanged on any plan."""
         self.cfg.mask_plan = expand_plan(plan, self.cfg.depth)
-        for block, entry in zip(self.blocks, self.cfg.mask_plan):
-            block.attn.mask = entry
+        for block, entry in zip(self.blocks, self.cfg.mask_plan, strict=True):
+            block.attn.plan_entry = entry
+
+    def compile_blocks(self):
+        """Regional compilation: each transformer block is compiled on its own (nn.Module.compile, dynamic=False),
+        and the identical blocks share one graph per mask entry, so the model compiles in the time of one block.
+        The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward). Weights
+        keep their names (no `_orig_mod.`), so saving needs no unwrapping. -> self"""
+        for block in self.blocks:
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(dynamic=False)
+        return self
 
     def enable_sequence_parallel(self, group):
         """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
@@ -314,7 +313,7 @@ class DiT(nn.Module):
         N = x.shape[1]
         if self.sp_group is not None:
             x = parallel.shard_seq(x, self.sp_group)  # [B, ceil(N/P), D]: this rank's tokens (padded)
-        t_emb = self.t_embed(timestep_embedding(t, 256).to(x.dtype))  # [B, D]
+        t_emb = self.t_embed(timestep_embedding(t, TIME_FEATURES).to(x.dtype))  # [B, D]
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
         for block in self.blocks:

@@ -11,7 +11,6 @@ flags are needed; --steps and --cfg override it. Leaves out: the latent decoder 
 (their output is latents, saved as .pt).
 """
 import os
-import sys
 import time
 
 import torch
@@ -27,36 +26,6 @@ from parallel import check_heads
 # the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
 SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", f"{name}.safetensors")
            for name in ("efficient", "mlcd", "base")}
-
-
-def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
-    s = dict(meta.get("sampler", {"name": "euler", "steps": 50, "cfg": 1.0, "shift": 1.0}))
-    for key, value in (("steps", steps), ("cfg", cfg), ("shift", shift)):
-        if value is not None:
-            s[key] = value
-    return s
-
-
-@torch.inference_mode()
-def generate(model, meta, prompts: list[str], seed: int = 0, steps=None, cfg=None, shift=None, progress=False):
-    """-> videos [n, C, T, H, W] for the prompts, in the checkpoint's recipe. The noise depends only on seed."""
-    s = sampler_settings(meta, steps, cfg, shift)
-    if model.text_encoder is None:
-        raise UserError("this checkpoint reads precomputed text embeddings (text_encoder: none); sample.py can "
-                         "only prompt models with their own byte-level text encoder")
-    device = next(model.parameters()).device
-    shape = meta.get("video_shape")
-    if shape is None:
-        raise UserError("checkpoint metadata has no video_shape: cannot size the noise")
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), *shape, generator=g).to(device)
-    cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))
-    uncond = model.encode_text(*(x.to(device) for x in model.tokenize([""] * len(prompts))))
-    bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if progress else None
-    if s["name"] != "euler":
-        raise UserError(f"checkpoint asks for sampler {s['name']!r}, which this sample.py does not know")
-    return flow.euler_sample(lambda x, t: flow.cfg_velocity(model, x, t, cond, uncond, s["cfg"]),
-                             noise, s["steps"], s.get("shift", 1.0), bar)
 
 
 def save_gif(video, path: str, scale: int = 8, fps: int = 8):
@@ -98,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="sample.gif", help="output file: .gif (or another animation format Pillow "
                                                        "writes, such as .webp); latents of real-data models: .pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (GPU; pays off over "
+                                                          "many steps or videos)")
     args = p.parse_args(argv)
     args.checkpoint = args.checkpoint or SHIPPED[args.model]
     if not args.prompt.strip():
@@ -124,7 +95,16 @@ def main(argv=None):
     t0 = time.time()
     meta = read_metadata(args.checkpoint)  # cheap: everything below is checked before the model loads
     prompt = prepare_prompt(args.prompt, meta)
-    latents = meta.get("model_config", {}).get("in_channels") != 3
+    if "video_shape" not in meta:
+        raise UserError(f"{args.checkpoint!r} has no video_shape in its metadata: cannot size the noise")
+    if meta["model_config"].get("text_encoder") != "bytes":
+        raise UserError(f"{args.checkpoint!r} reads precomputed text embeddings (text_encoder: none); sample.py "
+                        "prompts models with their own byte-level text encoder")
+    try:
+        sampler = flow.sampler_settings(meta, args.steps, args.cfg)
+    except ValueError as e:
+        raise UserError(f"{args.checkpoint!r}: {e}") from None
+    latents = meta["model_config"].get("in_channels") != 3
     out = os.path.splitext(args.out)[0] + ".pt" if latents else args.out
     check_output_path(out, None if latents else image_extensions())
     world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun every process shares each video's tokens
@@ -134,7 +114,10 @@ def main(argv=None):
         model, meta = load_model(args.checkpoint, env.device)
         model.tokenize([prompt])  # a prompt too long for the model fails here, before sampling
         model.enable_sequence_parallel(env.sp_group)
-        videos = generate(model, meta, [prompt], args.seed, args.steps, args.cfg, progress=env.is_main)
+        if args.compile and env.device.type == "cuda":
+            model.compile_blocks()
+        bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if env.is_main else None
+        videos = flow.generate(model, [prompt], meta["video_shape"], sampler, args.seed, bar)
     finally:
         parallel.cleanup()
     if not torch.isfinite(videos).all():
@@ -146,9 +129,8 @@ def main(argv=None):
         torch.save(videos[0].cpu(), out)
     else:
         save_gif(videos[0].float().cpu(), out)
-    s = sampler_settings(meta, args.steps, args.cfg)
-    print(f"wrote {out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {s['steps']} steps, "
-          f"cfg {s['cfg']}, {env.world} x {env.device})")
+    print(f"wrote {out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {sampler['steps']} steps, "
+          f"cfg {sampler['cfg']}, {env.world} x {env.device})")
 
 
 if __name__ == "__main__":

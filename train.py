@@ -15,6 +15,7 @@ Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any o
 safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
 (evaluate.py), the distillation objectives of later stages (distill.py).
 """
+import copy
 import json
 import math
 import os
@@ -305,9 +306,13 @@ def export(cfg: TrainConfig, out: str):
 # ----------------------------------------------------------------------------------------------------------
 # Data and objective
 
+SEED_STRIDES = (1_000_003, 1009)  # primes that mix (seed, step, rank) into one generator seed
+
+
 def step_generator(cfg, step, rank, device):
+    """The generator of one step's random draws on one data-parallel rank."""
     g = torch.Generator(device=device)
-    g.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + rank) % 2**63)
+    g.manual_seed(((cfg.seed * SEED_STRIDES[0] + step) * SEED_STRIDES[1] + rank) % 2**63)
     return g
 
 
@@ -381,21 +386,24 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
     """KD (distill.py): the sparse student matches the full-attention teacher's velocity and every layer's
     attention output on the same noisy input."""
     x_t = flow.interpolate(x0, eps, t)
-    with torch.no_grad():
-        v_teacher = teacher(x_t, t, text, mask)
-    v_student = net(x_t, t, text, mask)
     student, teach = recorders
-    return distill.kd_loss(v_student, v_teacher, student.take(), teach.take(), cfg.kd_output_weight,
+    with torch.no_grad(), teach:
+        v_teacher = teacher(x_t, t, text, mask)
+    with student:
+        v_student = net(x_t, t, text, mask)
+    return distill.kd_loss(v_student, v_teacher, student.outputs, teach.outputs, cfg.kd_output_weight,
                            cfg.kd_attn_weight, teacher.sp_group)
 
 
-def make_objective(cfg, model, net, ema, env):
+def make_objective(cfg, model, net, ema, env, compile_: bool):
     """-> loss(x0, text, mask, t, eps) for the configured stage, with what that stage needs loaded once."""
     if cfg.stage == 0:
         return lambda x0, text, mask, t, eps: stage0_loss(net, x0, text, mask, t, eps)
     device = env.device
     teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
     teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
+    if compile_:
+        teacher.compile_blocks()
     if cfg.stage == 3:
         teacher.set_mask_plan(["full"])
         recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
@@ -425,46 +433,6 @@ def checkpoint_meta(cfg, video_shape, init_meta):
     return meta
 
 
-def mask_search(cfg, env):
-    """Stage 2 (distill.py): measure every layer's error under every candidate mask along the model's own
-    sampling trajectories, pick the plan for threshold r, write plan.yaml and the PNGs, print the table."""
-    from data import validation_prompts
-    from sample import generate
-    model, meta = load_model(cfg.init, env.device)
-    model.set_mask_plan(["full"])  # errors are measured against full attention
-    T = meta["video_shape"][1] // model.cfg.patch_size[0]
-    candidates = sorted(cfg.candidates) or list(range(1, T))
-    probe = distill.AttentionProbe(candidates, model.cfg.depth, T)
-    for i, block in enumerate(model.blocks):
-        block.attn.observer = probe.observer(i)
-    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1)  # evaluation uses seed 0
-    for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not env.is_main):
-        generate(model, meta, prompts, seed=10_000 + seed)
-    errors = probe.errors()
-    plan = distill.choose_plan(errors, candidates, cfg.threshold)
-    rows = distill.plan_report(plan, errors, candidates, T)
-    if not env.is_main:  # under torchrun every rank searches alike; one writes
-        return rows
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    sparsity = distill.write_plan(os.path.join(cfg.run_dir, "plan.yaml"), rows, cfg.threshold, T)
-    torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]},
-               os.path.join(cfg.run_dir, "search.pt"))
-    layers = sorted({0, model.cfg.depth // 2, model.cfg.depth - 1})
-    distill.save_tile_maps_png(os.path.join(cfg.run_dir, "tile_maps.png"), probe.tiles, layers, plan)
-    distill.save_plan_png(os.path.join(cfg.run_dir, "plan.png"), rows, T)
-    print(f"{'layer':>5} {'mask':>6} {'error':>8} {'density':>8}   errors for k = {candidates}")
-    for r, e in zip(rows, errors.tolist()):
-        print(f"{r['layer']:>5} {r['mask']:>6} {r['error']:>8.4f} {r['density']:>8.3f}   "
-              + " ".join(f"{x:.3f}" for x in e))
-    print(f"r = {cfg.threshold}: mean attention sparsity {100 * sparsity:.1f}%; wrote {cfg.run_dir}/plan.yaml")
-    for r in cfg.sweep:  # the same measurements under other thresholds (the paper's r sweep)
-        p = distill.choose_plan(errors, candidates, r)
-        sparsity = distill.write_plan(os.path.join(cfg.run_dir, f"plan-r{r}.yaml"),
-                                      distill.plan_report(p, errors, candidates, T), r, T)
-        print(f"  r = {r:<5}: mean sparsity {100 * sparsity:5.1f}%  plan {p}  -> plan-r{r}.yaml")
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -482,8 +450,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     micro = cfg.micro_batch or (local_bs if device.type == "cuda" else CPU_MICRO_BATCH)
     torch.manual_seed(cfg.seed)
 
-    if cfg.stage == 2:
-        return mask_search(cfg, env)
+    if cfg.stage == 2:  # no training: the search measures and writes plans (distill.py)
+        records = distill.mask_search(cfg, device, env.is_main)
+        if env.is_main:
+            with open(os.path.join(cfg.run_dir, "log.jsonl"), "w") as f:
+                f.writelines(json.dumps({k: v for k, v in r.items() if k != "rows"}) + "\n" for r in records)
+        return records
     init_meta = {}
     if cfg.init:
         model, init_meta = load_model(cfg.init)
@@ -493,7 +465,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         model.set_mask_plan(load_plan(cfg.plan))
     model.to(device).train()
     model.enable_sequence_parallel(env.sp_group)
-    ema = DiT(model.cfg).to(device).eval().requires_grad_(False)
+    ema = DiT(copy.deepcopy(model.cfg)).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.enable_sequence_parallel(env.sp_group)
     decay, no_decay = [], []
@@ -514,13 +486,15 @@ def train(cfg: TrainConfig) -> list[dict]:
         list(dataset[0]["video"].shape)
     meta = checkpoint_meta(cfg, shape, init_meta)
 
+    compile_ = cfg.compile and device.type == "cuda"
+    if compile_:
+        model.compile_blocks()
+        ema.compile_blocks()  # stage 1's target network
     net = ddp = model
     if env.world > 1:
         net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile and device.type == "cuda":
-        net = torch.compile(net)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    objective = make_objective(cfg, model, net, ema, env)
+    objective = make_objective(cfg, model, net, ema, env, compile_)
 
     log_path = os.path.join(cfg.run_dir, "log.jsonl")
     if env.is_main:

@@ -1,18 +1,19 @@
 """Attention Tile masks and kernels against independent references: a re-derived dense mask, SDPA with that
-boolean mask, and the paper's Table 1 sparsities (SPEC section 1)."""
+boolean mask, and the paper's Table 1 sparsities (Efficient-vDiT, section 3 and Table 1)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-from attention import (density, reference_frames, resolve_k, tile_attention, tile_block_mask,
+from attention import (FULL, density, entry_num_ref, expand_plan, mask_label, parse_entry, plan_sparsity,
+                       reference_frames, tile_attention, tile_block_mask,
                        tile_dense_mask)
 
 CASES = [(4, 50, 1), (5, 37, 2), (6, 100, 1), (6, 100, 2), (6, 100, 3), (6, 100, 6), (3, 200, 1), (8, 45, 2)]
 
 
 def rederived_mask(T, S, k):
-    """Token by token, straight from SPEC section 1."""
+    """Token by token, straight from the definition: fq == fk, fk in R or fq in R."""
     refs = set(int(round(i * T / k)) for i in range(k))
     N = T * S
     m = torch.zeros(N, N, dtype=torch.bool)
@@ -32,7 +33,7 @@ def test_dense_mask_matches_rederivation(T, S, k):
 def test_full_mask_and_density():
     assert tile_dense_mask(5, 7, 5).all()
     for T, k in [(8, 1), (8, 3), (24, 4)]:
-        kept = 2 * k * T - k * k + T - k  # SPEC: kept frame tiles
+        kept = 2 * k * T - k * k + T - k  # kept frame tiles, counted by hand
         assert density(T, k) == pytest.approx(kept / T**2)
 
 
@@ -63,7 +64,7 @@ def test_tile_backend_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
     q, kk, v = qkv(T * S, grad=True)
     ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
     g_ref = torch.autograd.grad(ref.square().sum(), (q, kk, v))
-    out = tile_attention(q, kk, v, T, k, backend="tile")
+    out = tile_attention(q, kk, v, T, k, backend="gather")
     g_out = torch.autograd.grad(out.square().sum(), (q, kk, v))
     assert (out - ref).abs().max().item() < 1e-4
     for a, b in zip(g_out, g_ref):
@@ -83,14 +84,14 @@ def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
 def test_auto_backend_is_merge_for_inference_and_tile_for_training(monkeypatch):
     import attention
     seen = []
-    for name in ("merge_sdpa", "tile_sdpa"):
+    for name in ("merge_sdpa", "gather_sdpa"):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
     q, kk, v = qkv(4 * 30, grad=True)
     with torch.no_grad():
         tile_attention(q, kk, v, 4, 1)
     tile_attention(q, kk, v, 4, 1).sum().backward()  # the training path has a backward
-    assert seen == ["merge_sdpa", "tile_sdpa"] and q.grad is not None
+    assert seen == ["merge_sdpa", "gather_sdpa"] and q.grad is not None
     with pytest.raises(ValueError, match="no backward"):
         tile_attention(q, kk, v, 4, 1, backend="merge")
 
@@ -126,7 +127,7 @@ def test_block_mask_equals_dense_mask_blockwise():
                 assert tile.all() and tile.shape == (B, B)
 
 
-# SPEC section 1, Table 1 (S = 3600, 128 x 128 blocks)
+# the paper's Table 1 (S = 3600, 128 x 128 blocks)
 TABLE1 = [(8, 4, 17.60), (8, 3, 29.88), (8, 2, 45.47), (8, 1, 64.38),
           (24, 12, 21.51), (24, 8, 40.30), (24, 6, 51.88), (24, 4, 64.98), (24, 3, 72.05)]
 
@@ -153,17 +154,21 @@ def test_no_recompile_across_masks_of_one_shape():
 
 def test_full_plan_entry_runs_plain_sdpa():
     q, kk, v = qkv(4 * 30)
-    for backend in ("flex", "tile", "merge"):
+    for backend in ("flex", "gather", "merge"):
         assert torch.equal(tile_attention(q, kk, v, 4, 4, backend), F.scaled_dot_product_attention(q, kk, v))
 
 
 def test_plan_entries():
-    assert resolve_k("full", 8) == 8
-    assert resolve_k("1:7", 8) == 1
-    assert resolve_k(3, 8) == 3
-    assert resolve_k(12, 8) == 8
+    assert parse_entry("full") == FULL and parse_entry(None) == FULL
+    assert parse_entry("1:7") == 1 and parse_entry(3) == 3
+    assert entry_num_ref(FULL, 8) == 8 and entry_num_ref(3, 8) == 3 and entry_num_ref(12, 8) == 8
+    assert mask_label(FULL, 8) == "full" and mask_label(2, 8) == "2:6" and mask_label(12, 8) == "8:0"
+    assert expand_plan("1:7", 3) == [1, 1, 1] and expand_plan(["full", "2:6", 3], 3) == [FULL, 2, 3]
+    assert plan_sparsity([FULL, 1], 8) == pytest.approx((1 - density(8, 1)) / 2)
     for bad in ("one", 0, -1, "x:7", 1.5):
         with pytest.raises(ValueError):
-            resolve_k(bad, 8)
+            parse_entry(bad)
+    with pytest.raises(ValueError, match="2 entries for 3 layers"):
+        expand_plan([1, 2], 3)
     with pytest.raises(ValueError):
         tile_attention(*qkv(10), 3, 1)  # 10 tokens do not split into 3 frames

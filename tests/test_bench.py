@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import attention
 import bench
 from attention import density
 
@@ -29,7 +30,7 @@ def test_sp_mode_spawns_torchrun_tiny(tmp_path):
 
 @pytest.mark.parametrize("T,target", [(8, 0.45), (8, 0.55), (24, 0.45), (24, 0.55)])
 def test_plan_for_sparsity(T, target):
-    plan, achieved = bench.plan_for_sparsity(T, 32, target)
+    plan, achieved = attention.plan_for_sparsity(T, 32, target)
     assert len(plan) == 32 and abs(achieved - target) < 0.02
     assert achieved == pytest.approx(sum(1 - density(T, k) for k in plan) / 32)
 

@@ -8,7 +8,7 @@ import torch
 import distill
 import flow
 import train
-from conftest import read_log
+from conftest import read_log, tiny_checkpoint, train_killed_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,14 +62,8 @@ def test_pseudo_huber():
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny 'base model' with random non-zero weights (a freshly initialised one predicts zero velocity)."""
-    from model import DiT, model_config, save_model
-    torch.manual_seed(0)
-    m = DiT(model_config("tiny"))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = str(tmp_path_factory.mktemp("base") / "base.safetensors")
-    save_model(path, m.state_dict(), m.cfg, {"kind": "base", "video_shape": [3, 4, 16, 16]})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "base.safetensors",
+                           {"kind": "base", "video_shape": [3, 4, 16, 16]})
 
 
 def stage1_cfg(tmp_path, base, *extra):
@@ -88,23 +82,14 @@ def test_stage1_checkpoint_resumes_exactly_and_samples_in_k_steps(tmp_path, tiny
     straight = stage1_cfg(tmp_path / "a", tiny_base, "steps=4", "ckpt_every=2")
     train.train(straight)
     crashed = stage1_cfg(tmp_path / "b", tiny_base, "steps=4", "ckpt_every=2")
-    real = train.get_batch
-    def crash(cfg, m, d, step, *a):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(cfg, m, d, step, *a)
-    monkeypatch.setattr(train, "get_batch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(crashed)
-    monkeypatch.setattr(train, "get_batch", real)
+    train_killed_at(monkeypatch, crashed, 2)
     resumed = train.train(crashed)
     a = {r["step"]: r["loss"] for r in read_log(straight.run_dir)}
     assert [r["step"] for r in resumed] == [3, 4]
     assert all(a[r["step"]] == r["loss"] for r in resumed)
     from model import load_model
-    from sample import sampler_settings
     _, meta = load_model(os.path.join(train.checkpoints(crashed.run_dir)[-1], "ema.safetensors"))
-    assert meta["kind"] == "mlcd" and sampler_settings(meta) == {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}
+    assert meta["kind"] == "mlcd" and flow.sampler_settings(meta) == {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}
 
 
 def test_stage1_needs_a_model_to_distil():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import read_log
+from conftest import read_log, tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,14 +84,8 @@ def test_heads_not_divisible_is_a_clear_error():
 
 def test_torchrun_sampling_writes_the_same_frames(tmp_path):
     from PIL import Image, ImageSequence
-    from model import DiT, model_config, save_model
-    torch.manual_seed(0)
-    m = DiT(model_config("tiny"))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    ckpt = str(tmp_path / "m.safetensors")
-    save_model(ckpt, m.state_dict(), m.cfg, {"kind": "base", "video_shape": [3, 3, 16, 20],
-                                              "sampler": {"name": "euler", "steps": 3, "cfg": 3.0}})
+    ckpt = tiny_checkpoint(tmp_path / "m.safetensors", {"kind": "base", "video_shape": [3, 3, 16, 20],
+                                                         "sampler": {"name": "euler", "steps": 3, "cfg": 3.0}})
     common = [os.path.join(ROOT, "sample.py"), "--prompt", "a red circle moving left", "--checkpoint", ckpt,
               "--seed", "3", "--device", "cpu"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

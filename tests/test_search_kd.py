@@ -8,7 +8,8 @@ import torch
 import distill
 import train
 from attention import FULL, load_plan
-from model import DiT, load_model, model_config, save_model
+from conftest import read_log, tiny_checkpoint
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,14 +43,9 @@ def test_choose_plan_takes_the_sparsest_mask_under_threshold():
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
     """A tiny 'stage-1 student' with random non-zero weights and a 2-step sampler."""
-    torch.manual_seed(0)
-    m = DiT(model_config("tiny", depth=3))
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    path = str(tmp_path_factory.mktemp("s1") / "mlcd.safetensors")
-    save_model(path, m.state_dict(), m.cfg, {"kind": "mlcd", "video_shape": [3, 4, 16, 16],
-                                             "sampler": {"name": "euler", "steps": 2, "cfg": 1.0, "shift": 1.0}})
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("s1") / "mlcd.safetensors", {
+        "kind": "mlcd", "video_shape": [3, 4, 16, 16], "sampler": {"name": "euler", "steps": 2, "cfg": 1.0, "shift": 1.0}},
+        depth=3)
 
 
 def test_all_full_plan_reproduces_the_stage1_model(student):
@@ -68,12 +64,13 @@ def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     s2 = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), [
         f"run_dir={tmp_path / 's2'}", f"init={student}", "calib_prompts=2", "calib_seeds=1", "threshold=0.4",
         "sweep=[0.4, 1000.0, -1.0]"])
-    rows = train.train(s2)
-    assert len(rows) == 3
+    records = train.train(s2)  # one per threshold: r = 0.4, then the sweep's
+    assert [r["threshold"] for r in records] == [0.4, 0.4, 1000.0, -1.0]
+    assert [r["threshold"] for r in read_log(tmp_path / "s2")] == [0.4, 0.4, 1000.0, -1.0]
     for name in ("plan.yaml", "tile_maps.png", "plan.png"):
         assert os.path.getsize(tmp_path / "s2" / name) > 0
     plan = load_plan(str(tmp_path / "s2" / "plan.yaml"))
-    assert plan == [r["k"] for r in rows]
+    assert plan == records[0]["plan"] == [row["k"] for row in records[0]["rows"]] and len(plan) == 3
     # the sweep's plans come from the same measurements: r = threshold again, anything goes, nothing goes
     assert load_plan(str(tmp_path / "s2" / "plan-r0.4.yaml")) == plan
     assert load_plan(str(tmp_path / "s2" / "plan-r1000.0.yaml")) == [1, 1, 1]
@@ -88,7 +85,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     assert sum(r["loss"] for r in records[-5:]) / 5 < 0.5 * records[0]["loss"]
     m, meta = load_model(os.path.join(train.checkpoints(s3.run_dir)[-1], "ema.safetensors"))
     assert meta["kind"] == "sparse" and meta["sampler"]["steps"] == 2
-    assert m.cfg.mask_plan == [1, 1, 2] and [b.attn.mask for b in m.blocks] == [1, 1, 2]
+    assert m.cfg.mask_plan == [1, 1, 2] and [b.attn.plan_entry for b in m.blocks] == [1, 1, 2]
 
 
 def test_stage3_needs_a_plan():
@@ -96,3 +93,21 @@ def test_stage3_needs_a_plan():
         train.load_config(os.path.join(ROOT, "configs", "stage3.yaml"), ["plan="])
     with pytest.raises(ValueError, match="must be a list"):
         train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), ["candidates=3"])
+
+
+def test_attention_recording_is_scoped_and_pairs_layers_strictly():
+    from conftest import tiny_model
+    m = tiny_model(depth=3)
+    x = torch.randn(1, 3, 4, 16, 16)
+    t = torch.full((1,), 0.5)
+    ids, mask = m.tokenize(["a red circle moving left"])
+    recorder = distill.AttentionRecorder(m, detach=True)
+    with torch.no_grad(), recorder:
+        v = m(x, t, ids, mask)
+    assert len(recorder.outputs) == 3 and all(b.attn.observer is None for b in m.blocks)
+    with torch.no_grad():
+        m(x, t, ids, mask)  # a forward outside the context records nothing
+    assert len(recorder.outputs) == 3
+    assert distill.kd_loss(v, v, recorder.outputs, recorder.outputs, 1.0, 1.0).item() == 0.0
+    with pytest.raises(ValueError, match="one to one"):
+        distill.kd_loss(v, v, recorder.outputs, recorder.outputs[:2], 1.0, 1.0)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import read_log
+from conftest import read_log, train_killed_at
 from data import write_shard
 from model import load_model
 
@@ -27,15 +27,7 @@ def test_save_then_resume_gives_identical_next_steps(tmp_path, monkeypatch):
     straight = cfg_for(tmp_path / "a", "steps=5")
     train.train(straight)
     crashed = cfg_for(tmp_path / "b", "steps=5", "ckpt_every=3")
-    real = train.get_batch
-    def crash_at_step_4(cfg, model, dataset, step, *a):
-        if step == 3:
-            raise KeyboardInterrupt  # killed after the step-3 checkpoint
-        return real(cfg, model, dataset, step, *a)
-    monkeypatch.setattr(train, "get_batch", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(crashed)
-    monkeypatch.setattr(train, "get_batch", real)
+    train_killed_at(monkeypatch, crashed, 3)  # killed after the step-3 checkpoint
     records = train.train(crashed)  # the same command again resumes from ckpt-0000003
     assert [r["step"] for r in records] == [4, 5]
     a = {r["step"]: r["loss"] for r in read_log(straight.run_dir)}
@@ -203,16 +195,8 @@ def test_resume_skips_a_broken_newest_checkpoint_and_never_unpickles_code(tmp_pa
 
 def test_kill_and_rerun_logs_each_step_once(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, "steps=5", "ckpt_every=2")
-    real = train.get_batch
-    def killed_in_step_4(cfg, model, dataset, step, *a):
-        if step == 3:
-            raise KeyboardInterrupt  # step 3 was logged, the last checkpoint is step 2
-        return real(cfg, model, dataset, step, *a)
-    monkeypatch.setattr(train, "get_batch", killed_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(cfg)
+    train_killed_at(monkeypatch, cfg, 3)  # step 3 was logged, the last checkpoint is step 2
     assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2, 3]
-    monkeypatch.setattr(train, "get_batch", real)
     train.train(cfg)
     assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2, 3, 4, 5]
 
