@@ -12,15 +12,18 @@ k = T is full attention. In code, k is `num_ref` (the number of reference frames
 Plans: a plan entry is FULL or num_ref (text "k:(T-k)" is read too); parse_entry, expand_plan (one entry per
 layer), load_plan / save_plan (YAML), mask_label, density, plan_sparsity and plan_for_sparsity are the whole API.
 
-Sparse backends (all exact, tested against SDPA with the dense mask):
-    "flex"    compiled flex_attention with the cached BlockMask
+Backends (all exact, tested against SDPA with the dense mask):
+    "flash"   compiled flex_attention on FlashAttention-4 (kernel_options={"BACKEND": "FLASH"}): the cached
+              BlockMask for sparse layers, no mask for full layers; forward and backward. Needs flash-attn-4
+              (requirements-gpu.txt), a Hopper or Blackwell GPU and fp16/bf16.
     "gather"  the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
               frame over its own keys plus the reference keys (gathered per frame), batched over frames
     "merge"   the same split without the per-frame gather: every other frame attends to its own keys (frames
               folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
               merged by their log-sum-exps. No backward (the lse carries no gradient).
-    "auto"    (the default) "merge" when no gradient is needed and a kernel returns the log-sum-exp (CPU; fp16
-              or bf16 on sm80+ GPUs), "gather" otherwise (training, fp32 on GPU). BENCHMARKS.md has the timings.
+    "auto"    (the default) "flash" wherever it runs; elsewhere "merge" when no gradient is needed and a kernel
+              returns the log-sum-exp (CPU; fp16/bf16 on sm80+ GPUs), "gather" otherwise (training, fp32 on a
+              GPU), with dense SDPA (cuDNN first) for full layers. BENCHMARKS.md has the timings.
 
 Not here: the mask search (distill.py) and sequence parallelism (parallel.py).
 """
@@ -35,7 +38,7 @@ from cli import UserError
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
 FULL = "full"
-BACKENDS = ("auto", "flex", "gather", "merge")
+BACKENDS = ("auto", "flash", "gather", "merge")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,23 +173,28 @@ def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_ref: int, device=N
 # BlockMask from the frame structure
 
 @lru_cache(maxsize=64)
-def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: int) -> BlockMask:
+def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: tuple[int, int]) -> BlockMask:
     N = T * S
-    nb = -(-N // block_size)
     tiles = frame_mask(T, k, device).float()  # [T, T]
-    # incidence of each block with each frame: block b covers tokens [b*bs, min((b+1)*bs, N))
-    start = torch.arange(nb, device=device) * block_size
-    first, last = start // S, (torch.clamp(start + block_size, max=N) - 1) // S
     frames = torch.arange(T, device=device)
-    touches = ((frames[None] >= first[:, None]) & (frames[None] <= last[:, None])).float()  # [nb, T]
-    any_kept = (touches @ tiles @ touches.T) > 0          # some (q, kv) pair in the block is kept
-    any_dropped = (touches @ (1 - tiles) @ touches.T) > 0  # some pair is masked out
-    ragged = torch.zeros(nb, dtype=torch.bool, device=device)
-    ragged[-1] = N % block_size != 0  # the last block holds padding: let mask_mod see it
-    full = any_kept & ~any_dropped & ~ragged[:, None] & ~ragged[None, :]
+
+    def incidence(size):  # -> [blocks, T]: block b (tokens [b*size, min((b+1)*size, N))) touches frame f
+        start = torch.arange(-(-N // size), device=device) * size
+        first, last = start // S, (torch.clamp(start + size, max=N) - 1) // S
+        return ((frames[None] >= first[:, None]) & (frames[None] <= last[:, None])).float()
+
+    def ragged(size):  # the last block holds padding: let mask_mod see it
+        r = torch.zeros(-(-N // size), dtype=torch.bool, device=device)
+        r[-1] = N % size != 0
+        return r
+
+    q_touch, kv_touch = incidence(block_size[0]), incidence(block_size[1])
+    any_kept = (q_touch @ tiles @ kv_touch.T) > 0          # some (q, kv) pair in the block is kept
+    any_dropped = (q_touch @ (1 - tiles) @ kv_touch.T) > 0  # some pair is masked out
+    full = any_kept & ~any_dropped & ~ragged(block_size[0])[:, None] & ~ragged(block_size[1])[None, :]
     partial = any_kept & ~full
 
-    def to_indices(blocks):  # [nb, nb] bool -> (num [1,1,nb], indices [1,1,nb,nb]), kept blocks first
+    def to_indices(blocks):  # [q blocks, kv blocks] bool -> (num [1,1,nq], indices [1,1,nq,nkv]), kept first
         num = blocks.sum(-1, dtype=torch.int32)
         idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
         return num[None, None], idx[None, None]
@@ -197,25 +205,71 @@ def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: int) -> Bl
 
 
 def tile_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device="cpu",
-                    block_size: int = BLOCK_SIZE) -> BlockMask:
-    """The k:(T-k) mask as a BlockMask, cached per (shape, k, device). Never materialises N x N."""
-    return _tile_block_mask(num_frames, tokens_per_frame, num_ref, str(torch.device(device)), block_size)
+                    block_size=BLOCK_SIZE) -> BlockMask:
+    """The k:(T-k) mask as a BlockMask of (query, key) blocks of block_size (an int: square), cached per
+    (shape, k, device, block size). Never materialises N x N."""
+    size = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    return _tile_block_mask(num_frames, tokens_per_frame, num_ref, str(torch.device(device)), size)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels
+# FlashAttention-4 through FlexAttention (kernel_options={"BACKEND": "FLASH"})
+
+FLASH = {"BACKEND": "FLASH"}
+
+
+def flash_block_size(device) -> tuple[int, int]:
+    """The BlockMask blocks FA4's block sparsity takes: 128 x 128 on Hopper (its forward tile at head dim <= 128,
+    and its backward's key block); Blackwell's forward works on two 128-row query tiles at once, hence 256."""
+    device = torch.device(device)
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
+    return (256, 128) if major >= 10 else (128, 128)
+
+
+@torch.compiler.disable  # eager and cached: a compiled block reads it as an input (one graph break per sparse layer)
+def flash_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device) -> BlockMask | None:
+    """The mask FA4 is given: the tile BlockMask at flash_block_size, or None where it has no full block (FA4
+    does not take a partial-only mask yet; the caller falls back to another backend)."""
+    bm = tile_block_mask(num_frames, tokens_per_frame, num_ref, device, flash_block_size(device))
+    return bm if _has_full_block(bm) else None
+
+
+@lru_cache(maxsize=64)
+def _has_full_block(bm: BlockMask) -> bool:
+    return bool(bm.full_kv_num_blocks.sum().item() > 0)
+
+
+@lru_cache(maxsize=16)
+def flash_available(device: str, dtype: torch.dtype, head_dim: int) -> bool:
+    """Can FA4 run attention on these inputs: a Hopper or Blackwell GPU, fp16/bf16, head dim a multiple of 8 up
+    to 256, and flash-attn-4 installed (looked up, not imported, so CPU runs never load it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 256:
+        return False
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return False
+    import importlib.util
+    try:
+        return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        return False
+
 
 _compiled_flex = None
+FLEX_RECOMPILE_LIMIT = 64  # one compiled flex per (shape, mask family, kernel, with or without gradient)
 
 
-def _flex(q, k, v, block_mask):
-    """flex_attention compiled once (dynamic=False); inside an outer torch.compile the raw op is traced."""
+def _flex(q, k, v, block_mask, kernel_options=None):
+    """flex_attention compiled once (dynamic=False); inside an outer torch.compile the raw op is traced. FA4 runs
+    only compiled: uncompiled, or past dynamo's recompile limit, flex_attention quietly takes its unfused
+    reference path (an N x N score matrix), so the limit is raised for it."""
     global _compiled_flex
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
     if _compiled_flex is None:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
 
 
 _DENSE_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -279,15 +333,19 @@ def gather_sdpa(q, k, v, num_frames: int, num_ref: int):
 
 
 def _lse_kernel(q) -> str | None:
+    return _lse_kernel_for(q.device, q.dtype, q.shape[-1]) if q.is_cuda else "cpu"
+
+
+def _lse_kernel_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """The dense kernel that can return its log-sum-exp for these inputs, or None. Called directly, the
     private cuDNN and Flash ops skip SDPA's input checks (cuDNN would run fp32 inputs through half-precision
     kernels), so the checks are made here: cuDNN on sm90+ and Flash on sm80+ take fp16/bf16 with head dim
     <= 128 (a multiple of 8); the CPU kernel takes anything."""
-    if not q.is_cuda:
+    if device.type != "cuda":
         return "cpu"
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] % 8 or q.shape[-1] > 128:
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim % 8 or head_dim > 128:
         return None
-    major, _ = torch.cuda.get_device_capability(q.device)
+    major, _ = torch.cuda.get_device_capability(device)
     return "cudnn" if major >= 9 else "flash" if major >= 8 else None
 
 
@@ -324,25 +382,59 @@ def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
     return out.flatten(2, 3)
 
 
+@torch.compiler.assume_constant_result  # decided once per kind of input; a compiled block bakes it in
+def choose_backend(backend: str, device: str, dtype: str, head_dim: int, needs_grad: bool) -> str:
+    """The kernel family for a layer's inputs (dtype as str(torch.dtype)). "auto": FA4 ("flash") where it runs,
+    else "merge" when no gradient is needed and a kernel returns the log-sum-exp, else "gather"."""
+    dt = getattr(torch, dtype.split(".")[-1])
+    if backend == "auto":
+        if flash_available(device, dt, head_dim):
+            return "flash"
+        return "gather" if needs_grad or _lse_kernel_for(torch.device(device), dt, head_dim) is None else "merge"
+    if backend == "flash" and not flash_available(device, dt, head_dim):
+        raise UserError(f"attn_backend 'flash' needs flash-attn-4 (requirements-gpu.txt) and a Hopper or Blackwell "
+                        f"GPU with fp16/bf16 inputs; here: {device}, {dtype}, head dim {head_dim}")
+    if backend == "merge" and needs_grad:
+        raise ValueError("the 'merge' backend has no backward (its log-sum-exp carries no gradient); "
+                         "train with 'gather' or 'auto'")
+    if backend not in BACKENDS:
+        raise UserError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def describe_backend(backend: str, device, dtype: torch.dtype, head_dim: int, needs_grad: bool = False) -> str:
+    """One line saying which kernels a model's attention runs (sample.py and bench.py print it)."""
+    chosen = choose_backend(backend, str(torch.device(device)), str(dtype), head_dim, needs_grad)
+    if chosen == "flash":
+        from importlib.metadata import version
+        return f"flash: FlexAttention BlockMasks on FlashAttention-4 {version('flash-attn-4')}, full and sparse layers"
+    dense = "cuDNN/Flash SDPA" if torch.device(device).type == "cuda" else "SDPA"
+    return f"{chosen}: the tile mask as dense {dense} calls ({'log-sum-exp merge' if chosen == 'merge' else 'reference keys gathered per frame'}); full layers {dense}"
+
+
 def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"):
     """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
-    "auto" runs "merge" when no gradient is needed (sampling, evaluation, the mask search) and "gather" when one
-    is (training) or when no kernel returns a log-sum-exp for these inputs (fp32 on a GPU)."""
+    "auto" runs FA4 through FlexAttention where it can (choose_backend), else the exact dense rewrites: "merge"
+    when no gradient is needed (sampling, evaluation, the mask search), "gather" when one is (training) or when
+    no kernel returns a log-sum-exp for these inputs (fp32 on a GPU); full layers then run dense SDPA."""
     N = q.shape[2]
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    dtype = q.dtype
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):  # under bf16 autocast q, k, v may still be fp32 here
+        dtype = torch.get_autocast_dtype("cuda")
+    backend = choose_backend(backend, str(q.device), str(dtype), q.shape[-1], needs_grad)
+    if backend == "flash":
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+        if num_ref >= num_frames:
+            return _flex(q, k, v, None, FLASH)
+        block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device)
+        if block_mask is not None:
+            return _flex(q, k, v, block_mask, FLASH)
+        backend = "gather" if needs_grad else "merge"
     if num_ref >= num_frames:
         return dense_attention(q, k, v)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    if backend == "auto":
-        backend = "gather" if needs_grad or _lse_kernel(q) is None else "merge"
-    if backend == "flex":
-        return _flex(q, k, v, tile_block_mask(num_frames, N // num_frames, num_ref, q.device))
     if backend == "gather":
         return gather_sdpa(q, k, v, num_frames, num_ref)
-    if backend == "merge":
-        if needs_grad:
-            raise ValueError("the 'merge' backend has no backward (its log-sum-exp carries no gradient); "
-                             "train with 'gather' or 'auto'")
-        return merge_sdpa(q, k, v, num_frames, num_ref)
-    raise UserError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    return merge_sdpa(q, k, v, num_frames, num_ref)

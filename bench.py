@@ -1,7 +1,9 @@
 """Speed at Open-Sora-Plan 1.2 scale: the attention kernels alone and the whole model forward.
 
     python bench.py attention --profile    # 29 and 93 frames at 720p, 24 x 96 heads, bf16 (GPU); every backend
-    python bench.py model --compile        # osp12 forward: full plan vs plans of ~45% / ~55% sparsity
+    python bench.py attention --backward   # the same, forward + backward
+    python bench.py model --compile --backend merge auto   # osp12 forward: full plan vs ~45% / ~55% plans, per backend
+    python bench.py model --compile --backward --depth 4 --backend gather auto   # a training step's fwd + bwd
     python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
     python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
     python bench.py sp --gpus 1 4 --profile  # ... with each forward's device time split: comm / attention / matmul
@@ -22,7 +24,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
 
 from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
@@ -66,66 +67,113 @@ def fmt(x, nd=2):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def fwd_bwd(fn, q, k, v, backward: bool):
+    """-> a function of no arguments: fn(q, k, v), or with --backward fn's forward and its backward, returning
+    (out, dq) so that the gradient can be checked too."""
+    if not backward:
+        return lambda: (fn(q, k, v), None)
+    g = torch.randn(q.shape, generator=torch.Generator(q.device).manual_seed(0), device=q.device, dtype=q.dtype)
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+
+    def run():
+        out = fn(qg, kg, vg)
+        return out, torch.autograd.grad(out, (qg, kg, vg), g)[0]
+    return run
+
+
 def bench_attention(args):
+    """Self-attention alone: the dense kernels, then every Table-1 mask on each sparse kernel, forward (or forward +
+    backward with --backward). Baseline: cuDNN SDPA; `line_ms` = cuDNN dense x density."""
+    import attention
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     H, D, S = (24, 96, 3600) if not args.tiny else (2, 32, 96)
     shapes = SPEC_MASKS if not args.tiny else {4: [2, 1]}
-    flex_dense = torch.compile(flex_attention, dynamic=False)
+    shapes = {T: ks for T, ks in shapes.items() if args.tiny or T in args.latent_frames}
+    fa4 = attention.flash_available(dev, dtype, D)
     rows = []
     for T, ks in shapes.items():
         N = T * S
         q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype) for _ in range(3))
-        flops = 4 * N * N * D * H  # QK^T and PV, dense
+        flops = 4 * N * N * D * H * (3.5 if args.backward else 1)  # QK^T and PV, dense (backward: 2.5x more)
         dense = {}
         if dev == "cuda":
-            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-                try:
+            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2_sdpa", SDPBackend.FLASH_ATTENTION)):
+                def sdpa(q, k, v, be=be):
                     with sdpa_kernel([be]):
-                        dense[name] = timeit(lambda: F.scaled_dot_product_attention(q, k, v))
+                        return F.scaled_dot_product_attention(q, k, v)
+                try:
+                    dense[name] = timeit(fwd_bwd(sdpa, q, k, v, args.backward), 2, args.repeat)
                 except RuntimeError as e:
                     print(f"{name} unavailable: {str(e)[:80]}", file=sys.stderr)
-        dense["sdpa_default"] = timeit(lambda: F.scaled_dot_product_attention(q, k, v))
-        dense["flex_dense"] = timeit(lambda: flex_dense(q, k, v))
-        best = min(dense.values())
+        if not args.skip_triton:
+            dense["flex_triton"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None), q, k, v,
+                                                  args.backward), 2, args.repeat)
+        if fa4:
+            try:
+                dense["flash"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None, attention.FLASH), q, k,
+                                                v, args.backward), 2, args.repeat)
+            except Exception as e:  # noqa: BLE001
+                print(f"flash dense failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
+        base = dense.get("cudnn", min(dense.values()))
         for name, ms in dense.items():
             rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": name, "mask": "full", "ms": fmt(ms),
-                         "sparsity%": 0.0, "speedup": fmt(best / ms), "TFLOP/s": fmt(flops / ms / 1e9, 1)})
+                         "sparsity%": 0.0, "speedup": fmt(base / ms), "TFLOP/s": fmt(flops / ms / 1e9, 1)})
+        kernels = {} if args.skip_triton else \
+            {"flex_triton": lambda q, k, v, T, kk: attention._flex(q, k, v, tile_block_mask(T, S, kk, dev))}
+        for backend in (["flash"] if fa4 else []) + ["gather"] + ([] if args.backward else ["merge"]):
+            kernels[backend] = lambda q, k, v, T, kk, b=backend: tile_attention(q, k, v, T, kk, b)
         for kk in ks:
-            bm = tile_block_mask(T, S, kk, dev)
             dens = density(T, kk)
-            # correctness on a slice of heads: against SDPA with the dense boolean mask
+            # correctness on one head: against fp32 SDPA with the dense boolean mask (skipped at 93 frames)
             sl = slice(0, 1)
-            ref = F.scaled_dot_product_attention(q[:, sl].float(), k[:, sl].float(), v[:, sl].float(),
-                                                 attn_mask=tile_dense_mask(T, S, kk, dev)) if N <= 30000 else None
-            for backend in ("flex", "gather", "merge"):
-                fn = lambda: tile_attention(q, k, v, T, kk, backend)
-                ms = timeit(fn)
-                err = (fn()[:, sl].float() - ref).abs().max().item() if ref is not None else float("nan")
-                split = profile_split(fn) if args.profile else {}
-                rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": backend, "mask": f"{kk}:{T - kk}",
-                             "ms": fmt(ms), "sparsity%": fmt(bm.sparsity()), "speedup": fmt(best / ms),
-                             "ideal": fmt(1 / dens), "%ideal": fmt(100 * best / ms * dens, 1),
-                             "line_ms": fmt(best * dens), "TFLOP/s": fmt(flops * dens / ms / 1e9, 1),
+            ref = ref_dq = None
+            if N <= 30000:
+                ref, ref_dq = fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=tile_dense_mask(T, S, kk, dev)), *(x[:, sl].float() for x in (q, k, v)),
+                    args.backward)()
+            for name, kernel in kernels.items():
+                fn = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, kk), q, k, v, args.backward)
+                try:
+                    ms = timeit(fn, 2, args.repeat)
+                except Exception as e:  # noqa: BLE001 - a kernel that fails here is a row, not the end of the run
+                    print(f"{name} {kk}:{T - kk} failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
+                    continue
+                err = float("nan")
+                if ref is not None:
+                    out, dq = fn()
+                    err = (out[:, sl].float() - ref).abs().max().item()
+                    if args.backward:  # dq of the same loss restricted to head 0 (heads are independent)
+                        g = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, kk), *(x[:, sl] for x in (q, k, v)), True)
+                        err = max(err, (g()[1].float() - ref_dq).abs().max().item())
+                split = profile_split(lambda: fn()) if args.profile else {}
+                rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": name, "mask": f"{kk}:{T - kk}",
+                             "ms": fmt(ms), "sparsity%": fmt(tile_block_mask(T, S, kk, dev).sparsity()),
+                             "speedup": fmt(base / ms), "ideal": fmt(1 / dens), "%line": fmt(100 * base / ms * dens, 1),
+                             "line_ms": fmt(base * dens), "TFLOP/s": fmt(flops * dens / ms / 1e9, 1),
                              "max_err": f"{err:.1e}", **split})
-            del ref
-    print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%ideal",
+            del ref, ref_dq
+    print(f"attention {'forward + backward' if args.backward else 'forward'}; speedup and %line against cuDNN")
+    print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%line",
                        "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
     return rows
 
 
-def osp_config(tiny: bool):
-    """The osp12 config (or a tiny stand-in of its shape)."""
+def osp_config(tiny: bool, depth: int | None = None):
+    """The osp12 config (or a tiny stand-in of its shape), optionally cut to `depth` layers."""
     from model import model_config
-    return model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32) if tiny else model_config("osp12")
+    cfg = model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32) if tiny else model_config("osp12")
+    if depth:
+        cfg.depth, cfg.mask_plan = depth, cfg.mask_plan[:1] * depth
+    return cfg
 
 
 def osp_model(args, dev, dtype, latent_frames):
     """The osp12 model (or a tiny stand-in) with random weights, and one input at 720p."""
     from model import DiT
-    cfg = osp_config(args.tiny)
+    cfg = osp_config(args.tiny, args.depth)
     latent, text_len = ((4, 4, 8, 8), 8) if args.tiny else ((4, latent_frames, 90, 160), 300)
-    cfg.attn_backend = args.backend
+    cfg.attn_backend = args.backend[0]
     torch.manual_seed(0)
     with torch.device(dev):
         model = DiT(cfg).to(dtype).eval()
@@ -136,21 +184,27 @@ def osp_model(args, dev, dtype, latent_frames):
     return model, x, text, mask
 
 
-def model_plans(T, depth):
+def model_plans(T, depth, targets=(0.45, 0.55)):
     plans = {"full": (["full"], 0.0)}
-    for target in (0.45, 0.55):  # the paper's r = 0.1 and r = 0.4 points
+    for target in targets:  # by default the paper's r = 0.1 and r = 0.4 points
         plan, achieved = plan_for_sparsity(T, depth, target)
         plans[f"~{int(100 * target)}% ({'/'.join(sorted({f'{k}:{T - k}' for k in plan}))})"] = (plan, achieved)
     return plans
 
 
 def model_call(model, x, text, mask, args, batch=1):
-    """-> a function of no arguments that runs one forward (blocks compiled with --compile)."""
+    """-> a function of no arguments that runs one forward (blocks compiled with --compile), or with
+    --backward a training step's forward and backward (weight gradients accumulate in place)."""
     x, text, mask = (torch.cat([a] * batch) for a in (x, text, mask))
     t = torch.full((batch,), 0.5, device=x.device)
     fn = model.compile_blocks() if args.compile else model
 
     def call():
+        if getattr(args, "backward", False):  # as train.py trains: fp32 weights under bf16 autocast
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=x.is_cuda):
+                loss = fn(x, t, text, mask).float().square().mean()
+            loss.backward()
+            return None
         with torch.no_grad():
             return fn(x, t, text, mask)
     return call
@@ -187,28 +241,46 @@ def profile_split(call):
     return {k: fmt(v, 1) for k, v in split.items()}
 
 
+def set_backend(model, backend):
+    for block in model.blocks:
+        block.attn.backend = backend
+
+
+def kernel_line(model, backend, args) -> str:
+    import attention
+    p = next(model.parameters())
+    dtype = torch.bfloat16 if p.is_cuda else p.dtype  # bf16 weights, or fp32 ones under bf16 autocast
+    return attention.describe_backend(backend, p.device, dtype, model.cfg.head_dim, getattr(args, "backward", False))
+
+
 def bench_model(args):
-    """The osp12 forward under full attention and plans of ~45% / ~55% sparsity; the share of the forward's
-    device time spent in attention kernels comes from profile_split."""
+    """The osp12 forward (or, with --backward, forward + backward) under full attention and plans of ~45% /
+    ~55% sparsity, on each --backend; the share of device time in attention kernels comes from profile_split."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    dtype = torch.bfloat16 if dev == "cuda" and not args.backward else torch.float32
     model, x, text, mask = osp_model(args, dev, dtype, args.frames)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows = []
-    for name, (plan, sparsity) in model_plans(T, model.cfg.depth).items():
-        model.set_mask_plan(plan)
-        torch._dynamo.reset()
-        ms = forward_ms(model, x, text, mask, args)
-        split = profile_split(model_call(model, x, text, mask, args))
-        rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "frames": f"{x.shape[2]} latent",
-                     "plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms/forward": fmt(ms, 1),
-                     "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
-                     "compiled": args.compile, "backend": args.backend, **(split if args.profile else {})})
+    for backend in args.backend:
+        set_backend(model, backend)
+        print(f"attention ({backend}): {kernel_line(model, backend, args)}")
+        first = len(rows)
+        for name, (plan, sparsity) in model_plans(T, model.cfg.depth, args.sparsity).items():
+            model.set_mask_plan(plan)
+            torch._dynamo.reset()
+            ms = forward_ms(model, x, text, mask, args)
+            split = profile_split(model_call(model, x, text, mask, args))
+            rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "layers": model.cfg.depth,
+                         "frames": f"{x.shape[2]} latent", "plan": name, "sparsity%": fmt(100 * sparsity, 1),
+                         "ms": fmt(ms, 1), "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                         "compiled": args.compile, "backend": backend, **(split if args.profile else {})})
+            rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
     for r in rows:
-        r["speedup"] = fmt(rows[0]["ms/forward"] / r["ms/forward"])
+        r["speedup"] = fmt(rows[0]["ms"] / r["ms"])  # against the first backend's full attention
     split = SPLIT_COLS if args.profile else []
-    print_table(rows, ["model", "frames", "plan", "sparsity%", "ms/forward", "attention%", "speedup", "compiled",
-                       "backend"] + split)
+    print(f"ms per {'forward + backward' if args.backward else 'forward'}; speedup against the first row")
+    print_table(rows, ["model", "layers", "frames", "plan", "sparsity%", "ms", "attention%", "speedup",
+                       "vs_full_same_backend", "compiled", "backend"] + split)
     return rows
 
 
@@ -237,19 +309,22 @@ def host_syncs(fn) -> str:
 
 
 def bench_e2e(args):
-    """Seconds per video = forwards x ms per forward (measured at batch 2 for CFG, 1 without), OSP-1.2 shape."""
+    """Seconds per video = forwards x ms per forward (measured at batch 2 for CFG, 1 without), OSP-1.2 shape:
+    the base recipe (full attention, on the first --backend), then the student recipes on every --backend."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, x, text, mask = osp_model(args, dev, dtype, args.frames)
     T = x.shape[2] // model.cfg.patch_size[0]
-    plans = model_plans(T, model.cfg.depth)
-    recipes = [("base", args.base_steps, True, "full")] + [("student", args.student_steps, False, p) for p in plans]
+    plans = model_plans(T, model.cfg.depth, args.sparsity)
+    recipes = [("base", args.base_steps, True, "full", args.backend[0])] + [
+        ("student", args.student_steps, False, p, b) for b in args.backend for p in plans]
     rows = []
-    for name, steps, cfg, plan_name in recipes:
+    for name, steps, cfg, plan_name, backend in recipes:
+        set_backend(model, backend)
         model.set_mask_plan(plans[plan_name][0])
         torch._dynamo.reset()
         ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
-        rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name,
+        rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name, "backend": backend,
                      "s/video": fmt(steps * ms / 1e3, 2)})
         if not cfg:  # the student's whole sampling loop, timed as it runs, and checked for host syncs
             loop = sampling_loop(model.compile_blocks() if args.compile else model, x, text, mask, steps)
@@ -257,7 +332,7 @@ def bench_e2e(args):
             rows[-1]["host_sync"] = host_syncs(loop)
     for r in rows:
         r["speedup"] = fmt(rows[0]["s/video"] / r["s/video"])
-    print_table(rows, ["recipe", "steps", "cfg", "plan", "s/video", "speedup", "loop_s", "host_sync"])
+    print_table(rows, ["recipe", "steps", "cfg", "plan", "backend", "s/video", "speedup", "loop_s", "host_sync"])
     print("paper (OSP-1.2, 29f 720p): MLCD 5.00x, + r=0.1 7.05x, + r=0.4 7.80x")
     return rows
 
@@ -310,9 +385,10 @@ def bench_sp(args):
         for n in args.gpus:
             out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
-                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend]
+                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend[0]]
             cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
                                           ("--profile", args.profile)) if on]
+            cmd += ["--depth", str(args.depth)] if args.depth else []
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 rows += json.load(f)["rows"]
@@ -330,7 +406,8 @@ def bench_sp(args):
     model.enable_sequence_parallel(env.sp_group)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows = []
-    for name, (plan, _) in list(model_plans(T, model.cfg.depth).items())[::2]:  # full and ~55%
+    plans = list(model_plans(T, model.cfg.depth, args.sparsity).items())
+    for name, (plan, _) in [plans[0], plans[-1]]:  # full and the sparsest
         model.set_mask_plan(plan)
         parallel.barrier()
         rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name,
@@ -357,8 +434,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
                    help="attention, model, sp: split one call's device time by kind (attention, matmul, ...)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="model/e2e/sp: the sparse attention backend of the model's layers (attention.py)")
+    p.add_argument("--backend", default=["auto"], nargs="+", choices=BACKENDS,
+                   help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
+    p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")
+    p.add_argument("--skip-triton", action="store_true", help="attention: leave out flex on its Triton kernel")
+    p.add_argument("--latent-frames", type=int, nargs="*", default=[8, 24], help="attention: 8 (29f) and/or 24 (93f)")
+    p.add_argument("--depth", type=positive_int, default=None, help="model/e2e/sp: cut osp12 to this many layers")
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.45, 0.55],
+                   help="model/e2e/sp: the mean sparsities of the plans timed beside full attention")
     p.add_argument("--repeat", type=positive_int, default=5)
     p.add_argument("--base-steps", type=positive_int, default=100)
     p.add_argument("--student-steps", type=positive_int, default=4, help="the stage-1 student's step count")

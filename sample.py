@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import flow
 import parallel
+from attention import describe_backend
 from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int
 from data import CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, to_image, to_uint8, unknown_words
 from model import load_model, read_metadata
@@ -116,6 +117,9 @@ def main(argv=None):
         model.enable_sequence_parallel(env.sp_group)
         if args.compile and env.device.type == "cuda":
             model.compile_blocks()
+        if env.is_main:
+            print("attention: " + describe_backend(model.cfg.attn_backend, env.device, next(model.parameters()).dtype,
+                                                  model.cfg.head_dim))
         bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if env.is_main else None
         videos = flow.generate(model, [prompt], meta["video_shape"], sampler, args.seed, bar)
     finally:

@@ -51,11 +51,41 @@ def qkv(N, H=2, D=16, seed=0, grad=False):
     return [torch.randn(1, H, N, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-@pytest.mark.parametrize("T,S,k", [(6, 100, 1), (6, 100, 2), (6, 100, 3), (6, 100, 6), (3, 200, 1), (5, 37, 2)])
-def test_compiled_flex_equals_sdpa_with_dense_mask(T, S, k):
+def materialise(bm, N):
+    """A BlockMask as the bool [N, N] token mask it stands for: full blocks all True, partial blocks by its
+    mask_mod, every other block False (the reading FA4 and flex kernels make of it)."""
+    bq, bk = bm.BLOCK_SIZE
+    dense = torch.zeros(N, N, dtype=torch.bool)
+    q_idx, kv_idx = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    for nums, idx, full in ((bm.kv_num_blocks, bm.kv_indices, False), (bm.full_kv_num_blocks, bm.full_kv_indices, True)):
+        for i in range(nums.shape[-1]):
+            for j in idx[0, 0, i, :nums[0, 0, i]].tolist():
+                rows, cols = slice(i * bq, (i + 1) * bq), slice(j * bk, (j + 1) * bk)
+                dense[rows, cols] = True if full else bm.mask_mod(0, 0, q_idx[rows], kv_idx[:, cols])
+    return dense
+
+
+@pytest.mark.parametrize("T,S,k", [(6, 100, 1), (6, 100, 2), (4, 300, 1), (8, 45, 3), (3, 200, 1)])
+def test_the_block_mask_fa4_is_given_is_the_dense_mask(T, S, k):
+    """flash_block_mask (what the "flash" backend hands FA4: 128 x 128 blocks on Hopper) and its Blackwell form
+    (256 x 128) stand for exactly the dense reference mask."""
+    from attention import flash_block_mask
+    bm = flash_block_mask(T, S, k, "cpu")
+    if bm is not None:  # None: no full block, so the backend falls back (checked below)
+        assert bm.BLOCK_SIZE == (128, 128) and bm.full_kv_num_blocks.sum() > 0
+        assert torch.equal(materialise(bm, T * S), tile_dense_mask(T, S, k))
+    else:
+        assert tile_block_mask(T, S, k).full_kv_num_blocks.sum() == 0
+    assert torch.equal(materialise(tile_block_mask(T, S, k, block_size=(256, 128)), T * S), tile_dense_mask(T, S, k))
+
+
+@pytest.mark.parametrize("T,S,k", [(6, 100, 2), (5, 37, 2)])
+def test_compiled_flex_with_the_block_mask_equals_sdpa_with_dense_mask(T, S, k):
+    """The BlockMask through compiled flex_attention (CPU kernel here, FA4 on a GPU) computes the masked softmax."""
+    import attention
     q, kk, v = qkv(T * S)
     ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
-    out = tile_attention(q, kk, v, T, k, backend="flex")
+    out = attention._flex(q, kk, v, tile_block_mask(T, S, k))
     assert (out - ref).abs().max().item() < 1e-4
 
 
@@ -81,7 +111,7 @@ def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
         assert (tile_attention(q, kk, v, T, k, backend="merge") - ref).abs().max().item() < 1e-5
 
 
-def test_auto_backend_is_merge_for_inference_and_tile_for_training(monkeypatch):
+def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch):
     import attention
     seen = []
     for name in ("merge_sdpa", "gather_sdpa"):
@@ -94,16 +124,43 @@ def test_auto_backend_is_merge_for_inference_and_tile_for_training(monkeypatch):
     assert seen == ["merge_sdpa", "gather_sdpa"] and q.grad is not None
     with pytest.raises(ValueError, match="no backward"):
         tile_attention(q, kk, v, 4, 1, backend="merge")
+    with pytest.raises(ValueError, match="flash-attn-4"):
+        tile_attention(q, kk, v, 4, 1, backend="flash")  # no FA4 on a CPU
+
+
+def test_auto_picks_fa4_by_capability_once(monkeypatch):
+    """FA4 where it runs (Hopper/Blackwell, fp16/bf16, head dim <= 256, flash-attn-4 installed), the CPU path
+    elsewhere; the CPU test run never imports flash-attn."""
+    import importlib.util
+    import sys
+    import attention
+    choose = attention.choose_backend
+    assert choose("auto", "cpu", "torch.float32", 64, False) == "merge"
+    assert choose("auto", "cpu", "torch.bfloat16", 96, True) == "gather"
+    assert "flash_attn" not in sys.modules
+    attention.flash_available.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name.startswith("flash_attn") else real_find(name, *a))
+    try:
+        assert choose("auto", "cuda:0", "torch.bfloat16", 96, True) == "flash"
+        assert choose("auto", "cuda:0", "torch.bfloat16", 96, False) == "flash"
+        assert choose("auto", "cuda:0", "torch.float32", 96, False) == "gather"  # FA4 takes fp16/bf16 only
+        assert choose("auto", "cuda:0", "torch.bfloat16", 512, False) == "gather"
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        attention.flash_available.cache_clear()
+        assert choose("auto", "cuda:0", "torch.bfloat16", 96, False) == "merge"  # an A100: no FA4
+    finally:
+        attention.flash_available.cache_clear()
 
 
 def test_merge_needs_a_log_sum_exp_kernel():
     """The private cuDNN / Flash ops skip SDPA's checks, so fp32 or a large head dim on a GPU must not reach
-    them: auto falls back to tile there."""
-    from types import SimpleNamespace
+    them: auto falls back to gather there."""
     import attention
-    cuda_like = lambda dtype, d: SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 2, 64, d))
-    assert attention._lse_kernel(cuda_like(torch.float32, 64)) is None
-    assert attention._lse_kernel(cuda_like(torch.bfloat16, 256)) is None
+    cuda = torch.device("cuda")
+    assert attention._lse_kernel_for(cuda, torch.float32, 64) is None
+    assert attention._lse_kernel_for(cuda, torch.bfloat16, 256) is None
     assert attention._lse_kernel(torch.zeros(1, 2, 64, 256)) == "cpu"
 
 
@@ -143,18 +200,19 @@ def test_block_mask_sparsity_matches_paper_table(T, k, sparsity):
 
 
 def test_no_recompile_across_masks_of_one_shape():
+    import attention
     T, S = 6, 100
     q, kk, v = qkv(T * S, seed=1)
-    tile_attention(q, kk, v, T, 1, backend="flex")  # compiled (or reused) for this shape
+    attention._flex(q, kk, v, tile_block_mask(T, S, 1))  # compiled (or reused) for this shape
     before = counters["stats"]["unique_graphs"]
     for k in (2, 3, 1, 2):
-        tile_attention(q, kk, v, T, k, backend="flex")
+        attention._flex(q, kk, v, tile_block_mask(T, S, k))
     assert counters["stats"]["unique_graphs"] == before
 
 
 def test_full_plan_entry_runs_plain_sdpa():
     q, kk, v = qkv(4 * 30)
-    for backend in ("flex", "gather", "merge"):
+    for backend in ("gather", "merge"):
         assert torch.equal(tile_attention(q, kk, v, 4, 4, backend), F.scaled_dot_product_attention(q, kk, v))
 
 

@@ -146,6 +146,7 @@ def test_shipped_checkpoints_sample_with_no_flags(tmp_path):
                             "--steps", "1", "--out", str(gif), *extra], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0 and gif.exists(), r.stderr
         assert ("sparse model" if not extra else "base model") in r.stdout
+        assert "attention: merge" in r.stdout  # the kernel line: the CPU path, no FA4 here
 
 
 def test_shards_without_what_the_model_reads_are_a_clear_error(tmp_path):

@@ -1,0 +1,62 @@
+"""The FA4 path on a GPU (skipped elsewhere): FlexAttention with kernel_options={"BACKEND": "FLASH"} through the
+project's BlockMask equals SDPA with the dense reference mask, forward and backward, in a compiled model too.
+
+    python -m pytest -q tests/test_gpu.py      # on a Hopper or Blackwell GPU with flash-attn-4 installed
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attention
+from attention import tile_attention, tile_dense_mask
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not attention.flash_available("cuda", torch.bfloat16, 96),
+    reason="needs flash-attn-4 on a Hopper or Blackwell GPU")
+
+
+def close(a, b, what):
+    err = (a.float() - b.float()).abs().max().item()
+    assert err < 3e-2 * max(1.0, b.float().abs().max().item()), f"{what}: max error {err}"
+
+
+@pytest.mark.parametrize("T,S,k", [(8, 450, 1), (8, 450, 2), (8, 450, 8), (6, 200, 2), (24, 150, 3)])
+def test_flash_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, kk, v = (torch.randn(2, 4, T * S, 96, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+                for _ in range(3))
+    grad = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    ref = F.scaled_dot_product_attention(*(x.float() for x in (q, kk, v)), attn_mask=tile_dense_mask(T, S, k, "cuda"))
+    ref_grads = torch.autograd.grad(ref, (q, kk, v), grad.float())
+    assert attention.choose_backend("auto", "cuda:0", "torch.bfloat16", 96, True) == "flash"
+    out = tile_attention(q, kk, v, T, k, "flash")
+    grads = torch.autograd.grad(out, (q, kk, v), grad)
+    close(out, ref, "output")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        close(a, b, f"d{name}")
+
+
+def test_compiled_model_on_flash_equals_gather():
+    from model import DiT, model_config
+    torch.manual_seed(0)
+    cfg = model_config("osp12", depth=3, hidden=192, heads=2, text_dim=32, mask_plan=[1, "full", 2])
+    m = DiT(cfg).cuda().to(torch.bfloat16)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(1, 4, 8, 30, 40, device="cuda", dtype=torch.bfloat16)  # 8 frames x 300 tokens
+    t = torch.full((1,), 0.5, device="cuda")
+    text = torch.randn(1, 8, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
+    results = {}
+    for backend in ("gather", "flash"):
+        for block in m.blocks:
+            block.attn.backend = backend
+        m.zero_grad(set_to_none=True)
+        torch._dynamo.reset()
+        if backend == "flash":
+            m.compile_blocks()
+        out = m(x, t, text, mask)
+        out.float().square().mean().backward()
+        results[backend] = out.detach(), m.blocks[0].attn.qkv.weight.grad.clone()
+    close(results["flash"][0], results["gather"][0], "model output")
+    close(results["flash"][1], results["gather"][1], "qkv weight gradient")
