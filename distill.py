@@ -119,13 +119,18 @@ class AttentionProbe:
 
 
 def tile_mass(q, k, num_frames):
-    """Mean attention probability from frame fq's queries to frame fk's keys: [T, T], rows sum to 1."""
+    """Mean attention probability from frame fq's queries to frame fk's keys: [T, T], rows sum to 1. Computed one
+    (query frame, key frame) pair at a time from log-sum-exps, so memory is [B, H, S, S], never N x N."""
     B, H, N, D = q.shape
-    out = torch.zeros(num_frames, num_frames, device=q.device)
-    for b in range(B):  # one sample at a time keeps the N x N probabilities small
-        p = torch.softmax(q[b].float() @ k[b].float().transpose(-1, -2) / D**0.5, dim=-1)  # [H, N, N]
-        out += p.unflatten(2, (num_frames, -1)).sum(-1).unflatten(1, (num_frames, -1)).mean((0, 2))
-    return out / B
+    T, S = num_frames, N // num_frames
+    qf, kf = (x.float().unflatten(2, (T, S)) for x in (q, k))  # [B, H, T, S, D]
+    out = torch.zeros(T, T, device=q.device)
+    for fq in range(T):
+        # lse[fk]: [B, H, S] log-sum-exp of frame fq's queries over frame fk's keys
+        lse = torch.stack([torch.logsumexp(qf[:, :, fq] @ kf[:, :, fk].transpose(-1, -2) / D**0.5, dim=-1)
+                           for fk in range(T)])  # [T, B, H, S]
+        out[fq] = torch.softmax(lse, dim=0).mean((1, 2, 3))  # each key frame's share of every query's softmax
+    return out
 
 
 def choose_plan(errors, candidates, threshold: float):

@@ -233,6 +233,7 @@ class DiT(nn.Module):
         self.out = nn.Linear(D, self.patch_dim)
         self._rope_cache = {}
         self.sp_group = None  # set by enable_sequence_parallel
+        self.checkpoint_blocks = False  # activation checkpointing per block in training (train.py sets it)
         self.initialize_weights()
         self.set_mask_plan(cfg.mask_plan)
 
@@ -317,7 +318,11 @@ class DiT(nn.Module):
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
+            args = (x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
+            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep the block's input, recompute the rest
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
         if self.sp_group is not None:

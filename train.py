@@ -41,7 +41,8 @@ from model import DiT, config_dict, load_model, model_config, num_params, read_m
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
-RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "micro_batch", "compile")
+RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "micro_batch", "compile",
+            "activation_checkpointing")
 
 
 @dataclass
@@ -74,7 +75,8 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep: int = 2                        # checkpoints kept in run_dir
     max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
-    compile: bool = True                 # torch.compile the model (GPU only)
+    compile: bool = True                 # torch.compile the model's blocks (GPU only)
+    activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
     sample_steps: int = 50               # default sampler written into the checkpoint for sample.py
@@ -465,6 +467,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         model.set_mask_plan(load_plan(cfg.plan))
     model.to(device).train()
     model.enable_sequence_parallel(env.sp_group)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     ema = DiT(copy.deepcopy(model.cfg)).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.enable_sequence_parallel(env.sp_group)

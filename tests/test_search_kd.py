@@ -111,3 +111,13 @@ def test_attention_recording_is_scoped_and_pairs_layers_strictly():
     assert distill.kd_loss(v, v, recorder.outputs, recorder.outputs, 1.0, 1.0).item() == 0.0
     with pytest.raises(ValueError, match="one to one"):
         distill.kd_loss(v, v, recorder.outputs, recorder.outputs[:2], 1.0, 1.0)
+
+
+@pytest.mark.parametrize("B,H,T,S", [(1, 2, 4, 6), (2, 3, 5, 8)])
+def test_tile_mass_by_frame_pairs_equals_the_dense_softmax(B, H, T, S):
+    """The stage-2 map computed frame pair by frame pair (no N x N) against the full attention matrix."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, B, H, T * S, 16, generator=g)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # [B, H, N, N]
+    dense = p.unflatten(3, (T, S)).sum(-1).unflatten(2, (T, S)).mean((0, 1, 3))  # [T, T]
+    torch.testing.assert_close(distill.tile_mass(q, k, T), dense, rtol=1e-5, atol=1e-6)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import read_log, train_killed_at
+from conftest import read_log, tiny_checkpoint, train_killed_at
 from data import write_shard
 from model import load_model
 
@@ -217,3 +217,26 @@ def test_micro_batches_give_the_same_step(tmp_path):
     for a, b in zip(whole, split):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage, monkeypatch):
+    """Per-block activation checkpointing recomputes the same numbers (stage 3: with the layer-wise KD term)."""
+    import torch.utils.checkpoint
+    calls, real = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    extra = [] if stage == 0 else [
+        f"init={tiny_checkpoint(tmp_path / 'init.safetensors', {'kind': 'mlcd', 'video_shape': [3, 4, 16, 16], 'sampler': {'name': 'euler', 'steps': 2, 'cfg': 1.0, 'shift': 1.0}})}",
+        "plan=" + str(tmp_path / "plan.yaml"), "num_frames=4", "size=16"]
+    (tmp_path / "plan.yaml").write_text("plan: [1, 2]\n")
+    config = os.path.join(ROOT, "configs", f"stage{stage}.yaml")
+    runs = []
+    for ac in ("false", "true"):
+        cfg = train.load_config(config, [f"run_dir={tmp_path / ac}", "batch_size=4", "steps=3", "log_every=1",
+                                         "ckpt_every=3", "warmup=1", "compile=false", f"activation_checkpointing={ac}",
+                                         *([] if stage else ["model=tiny"]), *extra])
+        runs.append(train.train(cfg))
+        assert bool(calls) == (ac == "true")  # 2 blocks x 3 steps checkpointed, or none
+    for a, b in zip(*runs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-7)
