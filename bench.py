@@ -7,13 +7,14 @@
     python bench.py e2e --compile          # seconds per video: base recipe vs student recipes
     python bench.py sp --gpus 1 2 4        # sequence-parallel scaling (spawns torchrun per count)
     python bench.py sp --gpus 1 4 --profile  # ... with each forward's device time split: comm / attention / matmul
+    python bench.py train --compile --gpus 1 2   # train.py's steps for stages 0, 1, 3 on synthetic osp12 latents
     python bench.py plans --checkpoint checkpoints/mlcd.safetensors --plans runs/stage2/plan-r*.yaml
                                            # a trained model at its own shape under stage-2 plans (CPU or GPU)
     python bench.py attention --tiny       # a CPU smoke run of the same code, tiny shapes
     python bench.py model --tiny --json out.json
 
 Each mode prints a table and can write JSON. Timings are medians over repeats after warm-up, measured with
-CUDA events on GPU; speedups are ratios within one process on one card. Leaves out: training speed.
+CUDA events on GPU; speedups are ratios within one process on one card (train: read back from train.py's log).
 """
 import json
 import os
@@ -27,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
-                       tile_attention, tile_block_mask, tile_dense_mask)
+                       save_plan, tile_attention, tile_block_mask, tile_dense_mask)
 
 SPEC_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # SPEC section 1, Table 1
 FRAMES = {8: "29f", 24: "93f"}
@@ -425,10 +426,90 @@ def bench_sp(args):
     sys.exit(0)
 
 
+PEAK_BF16_TFLOPS = 989.4  # H100 SXM and H200, dense bf16 tensor cores (NVIDIA's figure), for MFU
+
+
+def train_flops(cfg, tokens: int, num_frames: int, plan, checkpointing: bool) -> float:
+    """Model FLOPs of one training sample (the student's forward + backward): 6 x (weights of every matmul) x
+    tokens, plus the self-attention matmuls (QK^T and PV: 4 N^2 D per head, x3 with the backward) at the plan's
+    kept-tile density, times 4/3 when activation checkpointing recomputes the forward. Leaves out the frozen
+    teacher's and the EMA target's forwards (stages 1 and 3), norms, RoPE and the text side."""
+    from attention import expand_plan
+    D, L = cfg.hidden, cfg.depth
+    per_block = 3 * D * D + D * D + 2 * D * D + 2 * cfg.mlp_ratio * D * D  # qkv, proj, cross q + proj, MLP
+    matmuls = 6 * L * per_block * tokens
+    dens = sum(density(num_frames, entry_num_ref(e, num_frames)) for e in expand_plan(plan, L)) / L
+    attention_flops = 3 * 4 * tokens * tokens * D * L * dens
+    return (matmuls + attention_flops) * (4 / 3 if checkpointing else 1.0)
+
+
+def bench_train(args):
+    """Training steps of stages 0, 1 and 3 on synthetic latents at the osp12 shape (random: speed and memory
+    only), each run as `python train.py` (or torchrun over --gpus), read back from its log: s/step, tokens/s, peak
+    GiB, MFU (train_flops)."""
+    import subprocess
+    import tempfile
+    from model import DiT, save_model
+    cfg = osp_config(args.tiny, args.depth)
+    shape = [4, 4, 8, 8] if args.tiny else [4, args.frames, 90, 160]
+    T, tokens = shape[1], shape[1] * shape[2] // 2 * shape[3] // 2
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    plan, sparsity = plan_for_sparsity(T, cfg.depth, args.sparsity[-1]) if args.sparsity else (["full"], 0.0)  # stage 3
+    plan_file = os.path.join(work, "plan.yaml")
+    save_plan(plan_file, plan, T)
+    model_args = {k: getattr(cfg, k) for k in ("depth", "hidden", "heads", "text_dim")}
+    rows = []
+    for stage in args.stages:
+        init = []
+        if stage:  # a random osp12 student (bf16 on disk) to distil from
+            init_path = os.path.join(work, "init.safetensors")
+            if not os.path.exists(init_path):
+                m = DiT(cfg)
+                save_model(init_path, m.state_dict(), m.cfg, {"kind": "mlcd", "video_shape": shape,
+                           "sampler": {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}}, dtype=torch.bfloat16)
+                del m
+            init = [f"init={init_path}", f"teacher={init_path}"] + ([f"plan={plan_file}"] if stage == 3 else [])
+        for n in args.gpus if torch.cuda.is_available() else [1]:
+            run_dir = os.path.join(work, f"stage{stage}-{n}")
+            overrides = [f"run_dir={run_dir}", "model=osp12", f"model_args={json.dumps(model_args)}", "data=synthetic",
+                         f"synthetic_shape={json.dumps(shape)}", f"batch_size={n * args.batch}", f"sp_size={args.sp}",
+                         f"steps={args.repeat + 2}", "log_every=1", "save=false", "warmup=1",
+                         f"compile={str(args.compile).lower()}",
+                         f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
+            launcher = [sys.executable] if n == 1 and args.sp == 1 else \
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+            config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"stage{stage}.yaml")
+            r = subprocess.run(launcher + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                                           config, *overrides], capture_output=True, text=True)
+            if r.returncode:
+                print(f"stage {stage} on {n} GPU(s) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+                continue
+            with open(os.path.join(run_dir, "log.jsonl")) as f:
+                log = [json.loads(line) for line in f][2:]  # the first two steps compile and warm up
+            s_step = statistics.median(1 / rec["it_s"] for rec in log)
+            samples = n * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
+            stage_plan = plan if stage == 3 else ["full"]  # stages 0 and 1 train with full attention
+            flops = train_flops(cfg, tokens, T, stage_plan, args.checkpointing) * samples
+            rows.append({"stage": stage, "gpus": n, "sp": args.sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
+                         "full", "s/step": fmt(s_step, 3),
+                         "tokens/s": fmt(samples * tokens / s_step, 0),
+                         "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in log), 1),
+                         "MFU%": fmt(100 * flops / s_step / 1e12 / PEAK_BF16_TFLOPS / n, 1) if torch.cuda.is_available()
+                         else "n/a (cpu)"})
+    for r in rows:  # throughput against the same stage on one GPU
+        one = [x for x in rows if x["stage"] == r["stage"] and x["gpus"] == 1]
+        r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
+    print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
+          f"{args.batch} per GPU, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
+          "the student's 6 x params x tokens + attention matmuls at the plan's density (bench.train_flops)")
+    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"])
+    return rows
+
+
 @entry_point
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans"])
+    p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans", "train"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
     p.add_argument("--frames", type=positive_int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
@@ -437,6 +518,9 @@ def main(argv=None):
     p.add_argument("--backend", default=["auto"], nargs="+", choices=BACKENDS,
                    help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
     p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")
+    p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 3], help="train: the stages")
+    p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size")
+    p.add_argument("--checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--skip-triton", action="store_true", help="attention: leave out flex on its Triton kernel")
     p.add_argument("--latent-frames", type=int, nargs="*", default=[8, 24], help="attention: 8 (29f) and/or 24 (93f)")
     p.add_argument("--depth", type=positive_int, default=None, help="model/e2e/sp: cut osp12 to this many layers")
@@ -464,7 +548,7 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d")}
     print(f"# {args.mode} on {info['device']}, torch {info['torch']}, {info['date']}")
     rows = {"attention": bench_attention, "model": bench_model, "e2e": bench_e2e, "sp": bench_sp,
-            "plans": bench_plans}[args.mode](args)
+            "plans": bench_plans, "train": bench_train}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "mode": args.mode, "rows": rows}, f, indent=1)

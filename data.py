@@ -16,6 +16,9 @@ Shard format: a folder of shard-00000.safetensors, shard-00001.safetensors, ... 
   metadata  "captions": JSON list of n strings (optional)
   All shards must hold the same keys with the same per-item shapes and dtypes.
 
+Synthetic latents (`data: synthetic` in a training config): random latents and text embeddings at a real shape,
+  for benchmarks with no dataset (SyntheticLatents).
+
 Leaves out: decoding/VAE-encoding real footage into shards, augmentation, DataLoader worker sharding
   (use batch_size=None, num_workers=0: MovingShapes yields whole batches rendered on the device).
 """
@@ -214,6 +217,24 @@ class ShardDataset(torch.utils.data.Dataset):
             if k in self.data:
                 item[k] = self.data[k][i]
         return item
+
+
+class SyntheticLatents(torch.utils.data.Dataset):
+    """Random latents [C, T, H, W] with random text embeddings [text_len, text_dim] (and a fixed caption), item i
+    drawn from a generator seeded with i. SYNTHETIC: for measuring speed and memory at a real shape (OSP-1.2's
+    latents by default) with no dataset; a model trained on it learns nothing."""
+
+    def __init__(self, shape, text_dim: int, text_len: int = 300, size: int = 1 << 20):
+        self.shape, self.text_dim, self.text_len, self.size = list(shape), text_dim, text_len, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(int(i))
+        return {"video": torch.randn(self.shape, generator=g), "caption": "synthetic latents",
+                "text_emb": torch.randn(self.text_len, self.text_dim, generator=g),
+                "text_mask": torch.ones(self.text_len, dtype=torch.bool)}
 
 
 def collate(items):

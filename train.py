@@ -34,14 +34,14 @@ import flow
 import parallel
 from attention import load_plan
 from cli import UserError, check_output_path, entry_point, warn
-from data import VOCABULARY, ShardDataset, collate, moving_shapes_batch
+from data import VOCABULARY, ShardDataset, SyntheticLatents, collate, moving_shapes_batch
 from model import DiT, config_dict, load_model, model_config, num_params, read_metadata, save_model
 
 
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
-RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "micro_batch", "compile",
+RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "compile",
             "activation_checkpointing")
 
 
@@ -52,7 +52,8 @@ class TrainConfig:
     model: str = "demo"                  # preset in model.py
     model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
     init: str = ""                       # weights to start from (later stages); empty = random init
-    data: str = "shapes"                 # "shapes" or a folder of safetensors shards
+    data: str = "shapes"                 # "shapes", a folder of safetensors shards, or "synthetic" (benchmarks)
+    synthetic_shape: list = field(default_factory=lambda: [4, 8, 90, 160])  # data: synthetic: latents [C, T, H, W]
     num_frames: int = 16                 # shapes data only
     size: int = 32                       # shapes data only
     batch_size: int = 64                 # global, split over data-parallel ranks
@@ -74,6 +75,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     keep: int = 2                        # checkpoints kept in run_dir
+    save: bool = True                    # false: write no checkpoint (benchmarks)
     max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
@@ -190,8 +192,9 @@ def check_inputs(cfg: TrainConfig):
                 raise UserError(f"{key}: {e}{where}") from None
     if cfg.stage == 3:
         load_plan(cfg.plan)
-    if cfg.data != "shapes" and not os.path.isdir(cfg.data):
-        raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes' or a folder of safetensors shards")
+    if cfg.data not in ("shapes", "synthetic") and not os.path.isdir(cfg.data):
+        raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes', 'synthetic' or a folder of safetensors "
+                        "shards")
     parallel.pick_device(cfg.device or None)
 
 
@@ -479,7 +482,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                             fused=device.type == "cuda")
 
     start, resumed = resume(cfg, model, ema, opt, env.is_main)
-    dataset = None if cfg.data == "shapes" else ShardDataset(cfg.data)
+    dataset = None if cfg.data == "shapes" else \
+        SyntheticLatents(cfg.synthetic_shape, model.cfg.text_dim) if cfg.data == "synthetic" else ShardDataset(cfg.data)
     if dataset is not None:
         need = "caption" if model.text_encoder is not None else "text_emb"
         if need not in dataset[0]:
@@ -565,7 +569,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if (done % cfg.ckpt_every == 0 or last_step) and env.is_main:
+        if (done % cfg.ckpt_every == 0 or last_step) and env.is_main and cfg.save:
             save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done})
         if out_of_time:
             if env.is_main:

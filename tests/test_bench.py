@@ -49,3 +49,27 @@ def test_plans_mode_on_a_checkpoint(tmp_path):
     expected = 100 * (1 - (density(4, 1) + density(4, 2)) / 2)
     assert rows[0]["sparsity%"] == 0 and rows[1]["sparsity%"] == pytest.approx(expected, abs=0.1)
     assert all(r["attention_ms"] > 0 and r["forward_ms"] > 0 for r in rows)
+
+
+def test_train_mode_runs_every_stage_through_train_py(tmp_path):
+    out = tmp_path / "train.json"
+    bench.main(["train", "--tiny", "--repeat", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == [0, 1, 3] and all(r["s/step"] > 0 and r["tokens/s"] > 0 for r in rows)
+
+
+def test_train_flops_counts_every_video_matmul_weight():
+    """6 x (the weights the video tokens go through) x tokens, checked against the model's own parameters, plus
+    the attention matmuls at the plan's density; x 4/3 with activation checkpointing."""
+    from model import DiT
+    cfg = bench.osp_config(tiny=True)
+    m = DiT(cfg)
+    b = m.blocks[0]
+    weights = sum(lin.weight.numel() for lin in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2]))
+    tokens, T = 64, 4
+    attn = 12 * tokens**2 * cfg.hidden * cfg.depth
+    assert bench.train_flops(cfg, tokens, T, ["full"], False) == pytest.approx(6 * cfg.depth * weights * tokens + attn)
+    assert bench.train_flops(cfg, tokens, T, [1], False) == pytest.approx(
+        6 * cfg.depth * weights * tokens + attn * density(T, 1))
+    assert bench.train_flops(cfg, tokens, T, ["full"], True) == pytest.approx(
+        4 / 3 * bench.train_flops(cfg, tokens, T, ["full"], False))
