@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from cli import UserError
+from cli import UserError, warn
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
 FULL = "full"
@@ -385,20 +385,20 @@ def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
 @torch.compiler.assume_constant_result  # decided once per kind of input; a compiled block bakes it in
 def choose_backend(backend: str, device: str, dtype: str, head_dim: int, needs_grad: bool) -> str:
     """The kernel family for a layer's inputs (dtype as str(torch.dtype)). "auto": FA4 ("flash") where it runs,
-    else "merge" when no gradient is needed and a kernel returns the log-sum-exp, else "gather"."""
+    else "merge" when no gradient is needed and a kernel returns the log-sum-exp, else "gather". An explicit
+    "flash" where FA4 cannot run takes the "auto" choice with a warning (a checkpoint saved on a Hopper GPU still
+    samples on a CPU); an explicit "merge" with a gradient is "gather" (merge has no backward)."""
     dt = getattr(torch, dtype.split(".")[-1])
-    if backend == "auto":
-        if flash_available(device, dt, head_dim):
-            return "flash"
-        return "gather" if needs_grad or _lse_kernel_for(torch.device(device), dt, head_dim) is None else "merge"
-    if backend == "flash" and not flash_available(device, dt, head_dim):
-        raise UserError(f"attn_backend 'flash' needs flash-attn-4 (requirements-gpu.txt) and a Hopper or Blackwell "
-                        f"GPU with fp16/bf16 inputs; here: {device}, {dtype}, head dim {head_dim}")
-    if backend == "merge" and needs_grad:
-        raise ValueError("the 'merge' backend has no backward (its log-sum-exp carries no gradient); "
-                         "train with 'gather' or 'auto'")
     if backend not in BACKENDS:
         raise UserError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "flash" and not flash_available(device, dt, head_dim):
+        warn(f"attn_backend 'flash' needs flash-attn-4 (requirements-gpu.txt) on a Hopper or Blackwell GPU with "
+             f"fp16/bf16 inputs; here: {device}, {dtype}, head dim {head_dim}. Using 'auto'")
+        backend = "auto"
+    if backend == "auto" and flash_available(device, dt, head_dim):
+        return "flash"
+    if backend == "auto" or (backend == "merge" and needs_grad):
+        return "gather" if needs_grad or _lse_kernel_for(torch.device(device), dt, head_dim) is None else "merge"
     return backend
 
 

@@ -107,6 +107,8 @@ def bench_attention(args):
                     dense[name] = timeit(fwd_bwd(sdpa, q, k, v, args.backward), 2, args.repeat)
                 except RuntimeError as e:
                     print(f"{name} unavailable: {str(e)[:80]}", file=sys.stderr)
+        if dev == "cpu":
+            dense["sdpa"] = timeit(fwd_bwd(F.scaled_dot_product_attention, q, k, v, args.backward), 2, args.repeat)
         if not args.skip_triton:
             dense["flex_triton"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None), q, k, v,
                                                   args.backward), 2, args.repeat)
@@ -390,6 +392,7 @@ def bench_sp(args):
             cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
                                           ("--profile", args.profile)) if on]
             cmd += ["--depth", str(args.depth)] if args.depth else []
+            cmd += ["--sparsity", *map(str, args.sparsity)]
             subprocess.run(cmd, check=True)
             with open(out) as f:
                 rows += json.load(f)["rows"]

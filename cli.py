@@ -2,9 +2,9 @@
 
 A mistake in what the user gave (a path, a flag, a config key, a prompt, a process count) raises `UserError`;
 `@entry_point` turns it into one line on stderr, "error: ...", and exit status 2, printed once under torchrun
-(by rank 0; torchrun then adds its own report of the failed processes). Anything else is a bug and keeps its
-traceback. The argparse types below check flags before any
-model is loaded. Leaves out: logging, warnings (plain prints to stderr).
+(by rank 0, or by the one rank that failed; torchrun then adds its own report of the failed processes). Anything
+else is a bug and keeps its traceback. The argparse types below check flags before any model is loaded. Leaves
+out: logging (plain prints to stderr).
 """
 import argparse
 import functools
@@ -18,6 +18,16 @@ class UserError(ValueError):
     """A mistake in the user's input: the message names the input and says what to do."""
 
 
+def is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to pages)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def entry_point(main):
     """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback."""
     @functools.wraps(main)
@@ -25,10 +35,11 @@ def entry_point(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            if os.environ.get("RANK", "0") == "0":
+            if is_rank0():
                 print(f"error: {e}", file=sys.stderr, flush=True)
-            else:  # under torchrun the first process to exit has the others stopped: let rank 0 say it first
-                time.sleep(2)
+            else:  # under torchrun the first process to exit has the others stopped: rank 0 says it first, and a
+                time.sleep(2)  # rank that failed alone still gets its say
+                print(f"error (rank {os.environ['RANK']}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
     return run
 
@@ -37,13 +48,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, with a mistake reported in one line (the usage is in --help)."""
 
     def error(self, message):
-        if os.environ.get("RANK", "0") == "0":
+        if is_rank0():
             print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def warn(message: str):
-    if os.environ.get("RANK", "0") == "0":
+    if is_rank0():
         print(f"warning: {message}", file=sys.stderr)
 
 
@@ -55,6 +66,17 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, 0 <= seed < 2**63."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0 .. 2**63 - 1, got {text!r}")
     return value
 
 

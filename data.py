@@ -258,6 +258,14 @@ def to_uint8(video):
     return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
 
 
+def save_animation(frames, path: str, scale: int, duration_ms: int):
+    """uint8 [T, H, W, 3] -> an animated image file (GIF by the extension), frames enlarged by nearest neighbour."""
+    from PIL import Image
+    images = [to_image(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
 def from_uint8(frames):
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
     return frames.permute(3, 0, 1, 2).float() / 127.5 - 1
@@ -284,11 +292,7 @@ def main(argv=None):
     print(f"rendered {tuple(videos.shape)} on {device} in {1000 * (time.time() - t0):.1f} ms")
     print("\n".join(caps[:8]))
     if args.gif:
-        from PIL import Image
-        strip = torch.cat([to_uint8(v.cpu()) for v in videos[:8]], dim=2)  # [T, H, 8W, 3]
-        imgs = [to_image(f).resize((4 * f.shape[1], 4 * f.shape[0]), Image.NEAREST) for f in strip]
-        os.makedirs(os.path.dirname(os.path.abspath(args.gif)), exist_ok=True)
-        imgs[0].save(args.gif, save_all=True, append_images=imgs[1:], duration=120, loop=0)
+        save_animation(torch.cat([to_uint8(v.cpu()) for v in videos[:8]], dim=2), args.gif, 4, 120)  # [T, H, 8W, 3]
         print(f"saved {args.gif}")
 
 

@@ -24,7 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int
+from cli import (ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int,
+                 seed_int)
 from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
 
 ATTRS = ("colour", "shape", "direction")
@@ -165,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
     ap.add_argument("--n", type=positive_int, default=64, help="number of videos")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--num-frames", type=positive_int, default=16)
     ap.add_argument("--size", type=positive_int, default=32)
     args = ap.parse_args(argv)

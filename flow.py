@@ -8,6 +8,8 @@ shape; the text goes through the model's own tokenize / encode_text.
 """
 import torch
 
+from cli import UserError
+
 
 def interpolate(x0, eps, t):
     """x_t for a batch of times t: [B]."""
@@ -73,7 +75,7 @@ def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
         if value is not None:
             s[key] = value
     if s["name"] != "euler":
-        raise ValueError(f"checkpoint asks for sampler {s['name']!r}; this code knows 'euler'")
+        raise UserError(f"the checkpoint asks for sampler {s['name']!r}; this code knows 'euler'")
     return s
 
 
@@ -82,8 +84,8 @@ def generate(model, prompts: list[str], video_shape, sampler: dict, seed: int = 
     """-> videos [n, *video_shape] for the prompts with a sampler from sampler_settings. The noise depends only on
     the seed (drawn on the CPU); the empty caption is encoded only where guidance needs it."""
     if model.text_encoder is None:
-        raise ValueError("generate() prompts a model with its own text encoder; this one reads precomputed "
-                         "text embeddings (text_encoder: none)")
+        raise UserError("this checkpoint reads precomputed text embeddings (text_encoder: none); prompts need a "
+                        "model with its own byte-level text encoder")
     device = next(model.parameters()).device
     noise = torch.randn(len(prompts), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))

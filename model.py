@@ -38,7 +38,7 @@ class ModelConfig:
     text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
     text_encoder_depth: int = 2
     mask_plan: list = field(default_factory=lambda: [FULL])  # per layer: "full" or k; one entry = all layers
-    attn_backend: str = "auto"          # sparse kernel: "auto", "flex", "gather" or "merge" (attention.py)
+    attn_backend: str = "auto"          # "auto", "flash", "gather" or "merge" (attention.py)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -46,6 +46,7 @@ class ModelConfig:
             raise UserError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.text_encoder not in ("none", "bytes"):
             raise UserError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
+        self.attn_backend = {"tile": "gather", "flex": "auto"}.get(self.attn_backend, self.attn_backend)  # old names
         if self.attn_backend not in BACKENDS:
             raise UserError(f"attn_backend {self.attn_backend!r}: use one of {', '.join(BACKENDS)}")
         self.mask_plan = expand_plan(self.mask_plan, self.depth)

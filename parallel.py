@@ -196,6 +196,15 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def same_on_all_ranks(value: int, device) -> bool:
+    """True on every rank if every rank holds the same integer."""
+    if not dist.is_initialized():
+        return True
+    t = torch.tensor([value, -value], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0].item() == value and -t[1].item() == value)
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -19,8 +19,9 @@ from tqdm import tqdm
 import flow
 import parallel
 from attention import describe_backend
-from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int
-from data import CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, to_image, to_uint8, unknown_words
+from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int, seed_int
+from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, save_animation, to_uint8,
+                  unknown_words)
 from model import load_model, read_metadata
 from parallel import check_heads
 
@@ -30,13 +31,8 @@ SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "check
 
 
 def save_gif(video, path: str, scale: int = 8, fps: int = 8):
-    """video [3, T, H, W] in [-1, 1] -> animated GIF, frames enlarged by nearest neighbour."""
-    from PIL import Image
-    frames = to_uint8(video)  # [T, H, W, 3]
-    images = [to_image(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
-              for f in frames]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    """video [3, T, H, W] in [-1, 1] -> animated GIF (or another animation format), enlarged by nearest neighbour."""
+    save_animation(to_uint8(video), path, scale, 1000 // fps)
 
 
 def image_extensions() -> set[str]:
@@ -64,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--cfg", type=non_negative_float, default=None,
                    help="guidance scale, 1 = none (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default="sample.gif", help="output file: .gif (or another animation format Pillow "
                                                        "writes, such as .webp); latents of real-data models: .pt")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -83,6 +79,8 @@ def prepare_prompt(prompt: str, meta: dict) -> str:
     if not vocabulary:  # trained on the user's own captions: only surrounding spaces are dropped
         return prompt.strip()
     prompt = normalize_prompt(prompt)
+    if not prompt:
+        raise UserError("--prompt is empty once case, spaces and a final period are normalised")
     unknown = unknown_words(prompt, vocabulary)
     if unknown:
         raise UserError(f"--prompt: this model never saw the word(s) {', '.join(map(repr, unknown))} and would "
@@ -98,13 +96,10 @@ def main(argv=None):
     prompt = prepare_prompt(args.prompt, meta)
     if "video_shape" not in meta:
         raise UserError(f"{args.checkpoint!r} has no video_shape in its metadata: cannot size the noise")
-    if meta["model_config"].get("text_encoder") != "bytes":
+    if meta["model_config"].get("text_encoder") != "bytes":  # checked again by flow.generate, after loading
         raise UserError(f"{args.checkpoint!r} reads precomputed text embeddings (text_encoder: none); sample.py "
                         "prompts models with their own byte-level text encoder")
-    try:
-        sampler = flow.sampler_settings(meta, args.steps, args.cfg)
-    except ValueError as e:
-        raise UserError(f"{args.checkpoint!r}: {e}") from None
+    sampler = flow.sampler_settings(meta, args.steps, args.cfg)
     latents = meta["model_config"].get("in_channels") != 3
     out = os.path.splitext(args.out)[0] + ".pt" if latents else args.out
     check_output_path(out, None if latents else image_extensions())

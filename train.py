@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -33,7 +34,7 @@ import distill
 import flow
 import parallel
 from attention import load_plan
-from cli import UserError, check_output_path, entry_point, warn
+from cli import UserError, check_output_path, entry_point, first_line, warn
 from data import VOCABULARY, ShardDataset, SyntheticLatents, collate, moving_shapes_batch
 from model import DiT, config_dict, load_model, model_config, num_params, read_metadata, save_model
 
@@ -42,7 +43,7 @@ STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "compile",
-            "activation_checkpointing")
+            "activation_checkpointing", "run_dir", "device")
 
 
 @dataclass
@@ -226,55 +227,73 @@ def save_checkpoint(cfg, model, ema, opt, step, meta):
     return final
 
 
-class ConfigChanged(UserError):
-    """A run_dir resumed under another config."""
-
-
 def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples and lists alike
     return [f"{prefix}{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
             if k not in skip and saved.get(k) != now.get(k)]
 
 
-def load_checkpoint(path, cfg, model, ema, opt):
-    """Restore a checkpoint folder into model, ema and opt; -> its step. A checkpoint of another config is a
-    ConfigChanged error; one that does not load raises whatever its files raised."""
+def read_checkpoint(path) -> tuple[dict, dict, dict, dict]:
+    """-> (state, model weights, EMA weights, model config) of a checkpoint folder; raises whatever reading its
+    files raises (missing, truncated, corrupt, or a state.pt holding more than tensors and plain data)."""
     from safetensors.torch import load_file
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    changed = differences(state["config"], asdict(cfg), RUN_KEYS) + differences(
-        read_metadata(os.path.join(path, "model.safetensors"))["model_config"], config_dict(model.cfg),
-        ("attn_backend",), "model ")  # the plan file's content, model_args
-    if changed:
-        raise ConfigChanged(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
-                        f"run_dir, or the config it was started with")
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    ema_weights = load_file(os.path.join(path, "ema.safetensors"))
-    model.load_state_dict(weights)
-    ema.load_state_dict(ema_weights)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    try:
+        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError("state.pt holds objects other than tensors and plain data; refused, since loading them "
+                         "could run code") from None
+    weights = os.path.join(path, "model.safetensors")
+    return state, load_file(weights), load_file(os.path.join(path, "ema.safetensors")), \
+        read_metadata(weights)["model_config"]
 
 
-def resume(cfg, model, ema, opt, is_main) -> tuple[int, str | None]:
-    """-> (step, folder) of the newest checkpoint in run_dir that loads, (0, None) for a fresh run. A newer
-    one that does not load (truncated, corrupt, not ours) is named and set aside as broken-ckpt-N."""
+def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
+    """Restore the newest checkpoint in run_dir that reads into model, ema and opt; -> (its step, its folder), or
+    (0, None) for a fresh run. A newer one that cannot be read is named and set aside (broken-ckpt-N); one of
+    another config stops the run with the differences."""
     found = checkpoints(cfg.run_dir)
     for path in reversed(found):
         try:
-            return load_checkpoint(path, cfg, model, ema, opt), path
-        except ConfigChanged:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: take the one before
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            warn(f"checkpoint {path} does not load ({reason}); set aside as broken-{os.path.basename(path)}")
-            if is_main:
-                os.replace(path, os.path.join(cfg.run_dir, "broken-" + os.path.basename(path)))
-    if found:
-        raise UserError(f"no checkpoint in {cfg.run_dir!r} loads (see the warnings): move them away to start afresh")
-    return 0, None
+            state, weights, ema_weights, model_config = read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - a file that does not read means: take the checkpoint before
+            aside = unused_path(os.path.join(cfg.run_dir, "broken-" + os.path.basename(path)))
+            warn(f"checkpoint {path} does not load ({first_line(e)[:200]}); set aside as {os.path.basename(aside)}")
+            if env.is_main:
+                os.replace(path, aside)
+            continue
+        changed = differences(state["config"], asdict(cfg), RUN_KEYS) + differences(
+            model_config, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
+        if changed:
+            raise UserError(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
+                            f"run_dir, or the config it was started with")
+        model.load_state_dict(weights)
+        ema.load_state_dict(ema_weights)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step = state["step"]
+        break
+    else:
+        broken = sorted(n for n in os.listdir(cfg.run_dir) if n.startswith("broken-")) \
+            if os.path.isdir(cfg.run_dir) else []
+        if broken:  # never start afresh (and cut the log to nothing) over checkpoints that did not load
+            raise UserError(f"no checkpoint in {cfg.run_dir!r} loads ({', '.join(broken)} did not): move them away "
+                            "to start afresh, or give another run_dir")
+        step, path = 0, None
+    if not parallel.same_on_all_ranks(step, env.device):
+        raise UserError(f"the processes resumed {cfg.run_dir!r} from different checkpoints: is run_dir shared by "
+                        "every node?")
+    return step, path
+
+
+def unused_path(path: str) -> str:
+    """path, or path.1, path.2, ... : the first that does not exist."""
+    candidate, i = path, 0
+    while os.path.exists(candidate):
+        i += 1
+        candidate = f"{path}.{i}"
+    return candidate
 
 
 def cut_log(path: str, step: int):
@@ -481,7 +500,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
                             fused=device.type == "cuda")
 
-    start, resumed = resume(cfg, model, ema, opt, env.is_main)
+    start, resumed = resume(cfg, model, ema, opt, env)
     dataset = None if cfg.data == "shapes" else \
         SyntheticLatents(cfg.synthetic_shape, model.cfg.text_dim) if cfg.data == "synthetic" else ShardDataset(cfg.data)
     if dataset is not None:

@@ -111,7 +111,7 @@ def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
         assert (tile_attention(q, kk, v, T, k, backend="merge") - ref).abs().max().item() < 1e-5
 
 
-def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch):
+def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch, capsys):
     import attention
     seen = []
     for name in ("merge_sdpa", "gather_sdpa"):
@@ -122,10 +122,14 @@ def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch
         tile_attention(q, kk, v, 4, 1)
     tile_attention(q, kk, v, 4, 1).sum().backward()  # the training path has a backward
     assert seen == ["merge_sdpa", "gather_sdpa"] and q.grad is not None
-    with pytest.raises(ValueError, match="no backward"):
-        tile_attention(q, kk, v, 4, 1, backend="merge")
-    with pytest.raises(ValueError, match="flash-attn-4"):
-        tile_attention(q, kk, v, 4, 1, backend="flash")  # no FA4 on a CPU
+    tile_attention(q, kk, v, 4, 1, backend="merge").sum().backward()  # merge has no backward: gather trains
+    assert seen[-1] == "gather_sdpa"
+    tile_attention(q, kk, v, 4, 4, backend="merge").sum().backward()  # a full layer: dense SDPA, any backend
+    with torch.no_grad():
+        tile_attention(q, kk, v, 4, 1, backend="flash")  # no FA4 on a CPU: the auto choice, with a warning
+    assert seen[-1] == "merge_sdpa" and "flash-attn-4" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        tile_attention(q, kk, v, 4, 1, backend="tile-ish")
 
 
 def test_auto_picks_fa4_by_capability_once(monkeypatch):

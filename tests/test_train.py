@@ -240,3 +240,15 @@ def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage, m
     for a, b in zip(*runs, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-7)
+
+
+def test_a_run_whose_checkpoints_all_fail_is_never_restarted_from_scratch(tmp_path):
+    cfg = cfg_for(tmp_path, "steps=2")
+    train.train(cfg)
+    (tmp_path / "run" / "ckpt-0000002" / "state.pt").write_bytes(b"truncated")
+    for _ in range(2):  # the first run sets it aside, the second finds only the set-aside folder
+        with pytest.raises(train.UserError, match="broken-ckpt-0000002"):
+            train.train(cfg_for(tmp_path, "steps=4"))
+    assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2]  # the log is kept
+    moved = train.train(cfg_for(tmp_path / "elsewhere", "steps=1"))  # another run_dir starts afresh
+    assert [r["step"] for r in moved] == [1]
