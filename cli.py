@@ -58,37 +58,22 @@ def warn(message: str):
         print(f"warning: {message}", file=sys.stderr)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def _argument_type(parse, ok, expected: str):
+    """An argparse type: parse(text), accepted where ok(value), else one line saying what was expected."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return convert
 
 
-def seed_int(text: str) -> int:
-    """argparse type: a random seed, 0 <= seed < 2**63."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0 .. 2**63 - 1, got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (rejects nan and inf)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+positive_int = _argument_type(int, lambda v: v >= 1, "an integer >= 1")
+seed_int = _argument_type(int, lambda v: 0 <= v < 2**63, "an integer in 0 .. 2**63 - 1")  # a random seed
+non_negative_float = _argument_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")  # no nan/inf
 
 
 def check_output_path(path: str, extensions=None) -> str:
