@@ -182,7 +182,8 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 
 
 def check_inputs(cfg: TrainConfig):
-    """Everything a run reads, checked before any model is built: checkpoints, plan, data folder, device."""
+    """Everything a run reads, checked before any model is built: checkpoints, plan, data folder, device, and
+    that sp_size splits the model's heads."""
     for key in ("init", "teacher"):
         path = getattr(cfg, key)
         if path:
@@ -191,6 +192,8 @@ def check_inputs(cfg: TrainConfig):
             except UserError as e:
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
+    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else model_config(cfg.model, **cfg.model_args).heads
+    parallel.check_heads(heads, cfg.sp_size)
     if cfg.stage == 3:
         load_plan(cfg.plan)
     if cfg.data not in ("shapes", "synthetic") and not os.path.isdir(cfg.data):
@@ -463,8 +466,6 @@ def checkpoint_meta(cfg, video_shape, init_meta):
 def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) the configured stage; returns the log records written by this call."""
     check_inputs(cfg)
-    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else model_config(cfg.model, **cfg.model_args).heads
-    parallel.check_heads(heads, cfg.sp_size)
     env = parallel.setup(cfg.device or None, cfg.sp_size)
     device = env.device
     if cfg.batch_size % env.dp_size:
