@@ -398,8 +398,13 @@ def choose_backend(backend: str, device: str, dtype: str, head_dim: int, needs_g
     if backend == "auto" and flash_available(device, dt, head_dim):
         return "flash"
     if backend == "auto" or (backend == "merge" and needs_grad):
-        return "gather" if needs_grad or _lse_kernel_for(torch.device(device), dt, head_dim) is None else "merge"
+        return _dense_rewrite(needs_grad, _lse_kernel_for(torch.device(device), dt, head_dim))
     return backend
+
+
+def _dense_rewrite(needs_grad: bool, lse_kernel: str | None) -> str:
+    """The exact dense rewrite to run: "merge" needs no gradient and a kernel that returns the log-sum-exp."""
+    return "gather" if needs_grad or lse_kernel is None else "merge"
 
 
 def describe_backend(backend: str, device, dtype: torch.dtype, head_dim: int, needs_grad: bool = False) -> str:
@@ -432,7 +437,7 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
         block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device)
         if block_mask is not None:
             return _flex(q, k, v, block_mask, FLASH)
-        backend = "gather" if needs_grad else "merge"
+        backend = _dense_rewrite(needs_grad, _lse_kernel(q))  # a mask with no full block: FA4 does not take it
     if num_ref >= num_frames:
         return dense_attention(q, k, v)
     if backend == "gather":
