@@ -79,17 +79,34 @@ def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
     return s
 
 
+def null_text(model, n, like=None):
+    """The unconditional input of n samples: the empty caption, or (a model reading precomputed embeddings, `like`
+    one of them) a single zero token."""
+    if model.text_encoder is not None:
+        return model.tokenize([""] * n)
+    emb = torch.zeros_like(like)
+    mask = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
+    mask[:, 0] = True
+    return emb, mask
+
+
 @torch.inference_mode()
-def generate(model, prompts: list[str], video_shape, sampler: dict, seed: int = 0, progress=None):
-    """-> videos [n, *video_shape] for the prompts with a sampler from sampler_settings. The noise depends only on
-    the seed (drawn on the CPU); the empty caption is encoded only where guidance needs it."""
-    if model.text_encoder is None:
+def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress=None):
+    """-> videos [n, *video_shape] for the prompts (a list of strings, or for a model without a text encoder a
+    pair of precomputed text embeddings [n, L, text_dim] and mask [n, L]) with a sampler from sampler_settings.
+    The noise depends only on the seed (drawn on the CPU); the empty caption is encoded only where guidance
+    needs it."""
+    if isinstance(prompts, tuple):
+        text, mask = prompts
+    elif model.text_encoder is None:
         raise UserError("this checkpoint reads precomputed text embeddings (text_encoder: none); prompts need a "
                         "model with its own byte-level text encoder")
+    else:
+        text, mask = model.tokenize(prompts)
     device = next(model.parameters()).device
-    noise = torch.randn(len(prompts), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    cond = model.encode_text(*(x.to(device) for x in model.tokenize(prompts)))
+    noise = torch.randn(len(text), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    cond = model.encode_text(text.to(device), mask.to(device))
     uncond = None if sampler["cfg"] == 1.0 else \
-        model.encode_text(*(x.to(device) for x in model.tokenize([""] * len(prompts))))
+        model.encode_text(*(x.to(device) for x in null_text(model, len(text), text)))
     return euler_sample(lambda x, t: cfg_velocity(model, x, t, cond, uncond, sampler["cfg"]),
                         noise, sampler["steps"], sampler["shift"], progress)

@@ -3,12 +3,15 @@ without torchrun.
 
     torchrun --nproc_per_node 4 train.py configs/stage0.yaml              # data parallel (DDP)
     torchrun --nproc_per_node 4 train.py configs/stage3.yaml sp_size=4    # sequence parallel x data parallel
+    torchrun --nproc_per_node 4 train.py configs/stage3.yaml sp_size=2 fsdp=true  # ... with sharded weights
     torchrun --nproc_per_node 4 sample.py --prompt "..."                  # sequence-parallel sampling
 
 `setup()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts NCCL on GPU or gloo on CPU;
-without it, it returns a single process on the best device. Ranks form a grid: consecutive groups of
-`sp_size` ranks share one sample's token sequence (sequence parallel), and the groups split the batch
-(data parallel).
+without it, it returns a single process on the best device. Ranks form a 2-D DeviceMesh (dp x sp):
+consecutive groups of `sp_size` ranks share one sample's token sequence (the "sp" dimension: Ulysses), and the
+groups split the batch (the "dp" dimension). `fully_shard_model` shards a model with FSDP2 over every rank of
+the mesh: the ranks of an SP group hold the same weights and sum their gradients, so they shard them like
+data-parallel ranks do (torchtitan's dp_shard x cp mesh does the same).
 
 Ulysses (DeepSpeed-Ulysses, arXiv 2309.14509): each rank holds N/P tokens of the sequence for every layer
 except self-attention. Around self-attention one all-to-all trades "my tokens, all heads" for "all tokens,
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from cli import UserError
 
@@ -33,6 +37,7 @@ class Dist:
     device: torch.device = torch.device("cpu")
     sp_size: int = 1
     sp_group: object = None  # this rank's sequence-parallel process group (None: no sequence parallelism)
+    mesh: DeviceMesh | None = None  # the (dp, sp) grid of ranks; None in a single process
 
     @property
     def is_main(self):
@@ -82,19 +87,29 @@ def setup(device: str | None = None, sp_size: int = 1) -> Dist:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return Dist(rank, world, local, dev, sp_size, sequence_groups(world, sp_size))
+    mesh = init_device_mesh(dev.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
+    return Dist(rank, world, local, dev, sp_size, mesh.get_group("sp") if sp_size > 1 else None, mesh)
 
 
-def sequence_groups(world: int, sp_size: int):
-    """Consecutive blocks of sp_size ranks; returns this rank's group (every rank must create all groups)."""
-    if sp_size == 1:
-        return None
-    mine = None
-    for start in range(0, world, sp_size):
-        group = dist.new_group(list(range(start, start + sp_size)))
-        if start <= dist.get_rank() < start + sp_size:
-            mine = group
-    return mine
+def fully_shard_model(model, device, param_dtype=None):
+    """FSDP2 over every rank: each block is one unit (its weights are gathered just before it runs and freed
+    after), the rest of the model is the root unit. param_dtype: the dtype the weights are gathered in (bf16 mixed
+    precision; None keeps them as stored); gradients are reduced in fp32. -> model (its parameters become
+    DTensor shards)"""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = DeviceMesh.from_group(dist.group.WORLD, device.type)
+    # inputs are left as they come (autocast picks each op's dtype): a block recomputed by activation checkpointing
+    # runs without FSDP's input cast, and its recomputed tensors must match the forward's
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def local_tensor(t):
+    """This rank's part of a (possibly sharded, DTensor) tensor: the tensor itself when it is not sharded."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,6 +200,15 @@ def group_total(x, group):
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mean_over_ranks(x):
+    """The mean of a tensor over every rank (a copy); x itself in a single process."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
 
 
 def any_rank(flag: bool, device) -> bool:

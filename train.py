@@ -2,14 +2,22 @@
 
     python train.py configs/stage0.yaml                      # stage 0: the base (teacher) model from scratch
     torchrun --nproc_per_node 4 train.py configs/stage0.yaml # the same, data parallel
+    torchrun --nproc_per_node 8 train.py configs/stage3.yaml sp_size=2 fsdp=true activation_checkpointing=true
     python train.py configs/stage0.yaml steps=2000 lr=1e-4   # key=value overrides, checked against the config
     python train.py configs/stage0.yaml --export checkpoints/base.safetensors  # bf16 EMA weights to ship
 
-Rerunning a command resumes from the newest checkpoint in its run_dir. Every random draw of a step (data,
-caption dropout, times, noise) comes from a generator seeded by (seed, step, rank), so a resumed run takes the
-same batches as an uninterrupted one; torch's global RNG state is saved too. Checkpoints are folders
-run_dir/ckpt-NNNNNNN with model.safetensors and ema.safetensors (config in the metadata) and state.pt
-(optimizer, step, RNG), written to a temporary folder and renamed, so a crash never leaves half a checkpoint.
+Rerunning a command resumes from the newest checkpoint in its run_dir. Every random draw of a sample (data,
+caption dropout, time, noise) comes from a generator seeded by (seed, step, the sample's place in the global
+batch), so a resumed run takes the same batches as an uninterrupted one, at any world size; torch's global RNG
+state is saved too. Checkpoints are folders run_dir/ckpt-NNNNNNN, written to a temporary folder and renamed, so a
+crash never leaves half a checkpoint: model.safetensors and ema.safetensors (config in the metadata) and state.pt
+(optimizer, step, RNG); under `fsdp: true`, the sharded model, EMA and optimizer in torch.distributed.checkpoint
+(DCP) format in dcp/, which resumes at any world size, and state.pt (step, RNG, metadata).
+
+Scale: DDP by default; `fsdp: true` shards weights, gradients, optimizer state and the EMA over every rank with
+FSDP2 (bf16 weights in compute, fp32 gradient reduction and master weights); `sp_size` splits each sample's
+tokens (Ulysses, parallel.py); `activation_checkpointing` recomputes each block in the backward. The frozen
+teacher of stages 1 and 3 is kept whole in bf16 on every rank.
 
 Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any other value is a folder of
 safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
@@ -23,6 +31,7 @@ import pickle
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 
@@ -36,14 +45,16 @@ import parallel
 from attention import load_plan
 from cli import UserError, check_output_path, entry_point, first_line, warn
 from data import VOCABULARY, ShardDataset, SyntheticLatents, collate, moving_shapes_batch
-from model import DiT, config_dict, load_model, model_config, num_params, read_metadata, save_model
+from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata, save_model
 
 
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
+# DCP reading or writing a checkpoint in one process (fsdp: true without torchrun) is what we mean to do
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
-RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "compile",
-            "activation_checkpointing", "run_dir", "device")
+RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
+            "compile", "activation_checkpointing", "run_dir", "device")
 
 
 @dataclass
@@ -61,6 +72,7 @@ class TrainConfig:
     micro_batch: int = 0                 # samples per forward/backward, gradients summed over the batch;
                                          # 0: the whole local batch on a GPU, CPU_MICRO_BATCH on a CPU
     sp_size: int = 1                     # ranks sharing one sample's sequence (Ulysses; torchrun only)
+    fsdp: bool = False                   # shard weights, gradients, optimizer and EMA over all ranks (FSDP2)
     steps: int = 10000
     lr: float = 3e-4
     warmup: int = 500
@@ -212,22 +224,52 @@ def checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.pt"))]
 
 
-def save_checkpoint(cfg, model, ema, opt, step, meta):
+def save_checkpoint(cfg, model, ema, opt, step, meta, env):
+    """Write run_dir/ckpt-{step} through a temporary folder and keep the newest `keep`; every rank calls it.
+    Without fsdp rank 0 writes the whole state; with it every rank writes its shards (DCP). -> the folder"""
     final = os.path.join(cfg.run_dir, f"ckpt-{step:07d}")
     tmp = os.path.join(cfg.run_dir, f".tmp-ckpt-{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
-    save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     # tensors, numbers, strings and containers only: loading it with weights_only=True can never run code
-    torch.save({"optimizer": opt.state_dict(), "step": step, "rng": rng, "config": asdict(cfg)},
-               os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in checkpoints(cfg.run_dir)[: -cfg.keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    state = {"step": step, "rng": rng, "config": asdict(cfg)}
+    if cfg.fsdp:
+        import torch.distributed.checkpoint as dcp
+        parallel.barrier()  # the folder exists before any rank writes into it
+        dcp.save(sharded_state(model, ema, opt), checkpoint_id=os.path.join(tmp, "dcp"))  # returns when all wrote
+        state["meta"] = {**meta, "model_config": config_dict(model.cfg)}
+    elif env.is_main:
+        save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
+        save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
+        state["optimizer"] = opt.state_dict()
+    if env.is_main:
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.run_dir)[: -cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sharded_state(model, ema, opt) -> dict:
+    """Model, EMA and optimizer state as DCP reads and writes it: each rank's shards, keyed by parameter name
+    (the optimizer's too), so that a checkpoint loads at any world size."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
+            "optimizer": get_optimizer_state_dict(model, opt)}
+
+
+def load_sharded(path, model, ema, opt):
+    """Read a DCP checkpoint folder into model, ema and opt, resharded to this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state = sharded_state(model, ema, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_model_state_dict(ema, state["ema"])
+    set_optimizer_state_dict(model, opt, state["optimizer"])
 
 
 def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
@@ -236,15 +278,20 @@ def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
             if k not in skip and saved.get(k) != now.get(k)]
 
 
-def read_checkpoint(path) -> tuple[dict, dict, dict, dict]:
-    """-> (state, model weights, EMA weights, model config) of a checkpoint folder; raises whatever reading its
-    files raises (missing, truncated, corrupt, or a state.pt holding more than tensors and plain data)."""
+def read_checkpoint(path) -> tuple[dict, dict | None, dict | None, dict]:
+    """-> (state, model weights, EMA weights, model config) of a checkpoint folder (the weights None for a DCP
+    one, which load_sharded reads); raises whatever reading its files raises (missing, truncated, corrupt, or a
+    state.pt holding more than tensors and plain data)."""
     from safetensors.torch import load_file
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ValueError("state.pt holds objects other than tensors and plain data; refused, since loading them "
                          "could run code") from None
+    if "meta" in state:  # fsdp: the weights are DCP shards
+        if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
+            raise FileNotFoundError("dcp/.metadata is missing")
+        return state, None, None, state["meta"]["model_config"]
     weights = os.path.join(path, "model.safetensors")
     return state, load_file(weights), load_file(os.path.join(path, "ema.safetensors")), \
         read_metadata(weights)["model_config"]
@@ -264,14 +311,18 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
             if env.is_main:
                 os.replace(path, aside)
             continue
-        changed = differences(state["config"], asdict(cfg), RUN_KEYS) + differences(
+        saved = {**asdict(TrainConfig()), **state["config"]}  # a key added since then has its default
+        changed = differences(saved, asdict(cfg), RUN_KEYS) + differences(
             model_config, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
         if changed:
             raise UserError(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
                             f"run_dir, or the config it was started with")
-        model.load_state_dict(weights)
-        ema.load_state_dict(ema_weights)
-        opt.load_state_dict(state["optimizer"])
+        if weights is None:
+            load_sharded(os.path.join(path, "dcp"), model, ema, opt)
+        else:
+            model.load_state_dict(weights)
+            ema.load_state_dict(ema_weights)
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -323,7 +374,15 @@ def export(cfg: TrainConfig, out: str):
     if not found:
         raise UserError(f"--export: no checkpoint in {cfg.run_dir!r} (run_dir) to export; train this config first")
     check_output_path(out, {".safetensors"})
-    model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
+    if os.path.isdir(os.path.join(found[-1], "dcp")):  # fsdp: gather the EMA shards into one model
+        import torch.distributed.checkpoint as dcp
+        meta = read_checkpoint(found[-1])[0]["meta"]
+        model = DiT(ModelConfig(**meta["model_config"]))
+        state = {"ema": model.state_dict()}
+        dcp.load(state, checkpoint_id=os.path.join(found[-1], "dcp"))
+        model.load_state_dict(state["ema"])
+    else:
+        model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     save_model(out, model.state_dict(), model.cfg, {k: v for k, v in meta.items() if k != "model_config"},
                dtype=torch.bfloat16)
@@ -333,46 +392,40 @@ def export(cfg: TrainConfig, out: str):
 # ----------------------------------------------------------------------------------------------------------
 # Data and objective
 
-SEED_STRIDES = (1_000_003, 1009)  # primes that mix (seed, step, rank) into one generator seed
+SEED_STRIDES = (1_000_003, 1009)  # primes that mix (seed, step, sample index) into one generator seed
+DATA, NOISE = 0, 1  # a sample's two random streams: what it shows, and its training time and noise
 
 
-def step_generator(cfg, step, rank, device):
-    """The generator of one step's random draws on one data-parallel rank."""
+def sample_generator(cfg, step, index, device, stream):
+    """The generator of one stream of one sample's random draws at one step. index is the sample's place in the
+    step's global batch, so a step draws the same batch whatever the world size, sp_size or micro-batch."""
     g = torch.Generator(device=device)
-    g.manual_seed(((cfg.seed * SEED_STRIDES[0] + step) * SEED_STRIDES[1] + rank) % 2**63)
+    g.manual_seed((((cfg.seed * SEED_STRIDES[0] + step) * SEED_STRIDES[1] + index) * 2 + stream) % 2**63)
     return g
 
 
-def null_text(model, n, like=None):
-    """The unconditional input: the empty caption, or a single zero token for precomputed embeddings."""
-    if model.text_encoder is not None:
-        return model.tokenize([""] * n)
-    emb = torch.zeros_like(like)
-    mask = torch.zeros(emb.shape[:2], dtype=torch.bool)
-    mask[:, 0] = True
-    return emb, mask
-
-
-def get_batch(cfg, model, dataset, step, rank, local_bs, device):
-    """-> x0 [B, C, T, H, W], text, text_mask on device; the same for the same (seed, step, rank)."""
-    g = step_generator(cfg, step, rank, "cpu")
-    if dataset is None:
-        x0, captions = moving_shapes_batch(local_bs, g, cfg.num_frames, cfg.size, device)
-        text, mask = model.tokenize(captions)
-        null, null_mask = null_text(model, local_bs)
-    else:
-        batch = collate([dataset[i] for i in torch.randint(len(dataset), (local_bs,), generator=g).tolist()])
-        x0 = batch["video"].to(device)
-        if model.text_encoder is not None:
-            text, mask = model.tokenize(batch["caption"])
-            null, null_mask = null_text(model, local_bs)
+def get_batch(cfg, model, dataset, step, first, n, device):
+    """-> x0 [n, C, T, H, W], text, text_mask on device: samples first .. first + n - 1 of the step's global
+    batch (a video, its caption or text embedding, and whether caption dropout blanks it)."""
+    items = []
+    for index in range(first, first + n):
+        g = sample_generator(cfg, step, index, "cpu", DATA)
+        if dataset is None:
+            video, caption = moving_shapes_batch(1, g, cfg.num_frames, cfg.size)
+            item = {"video": video[0], "caption": caption[0]}
         else:
-            text, mask = batch["text_emb"].float(), batch["text_mask"].bool()
-            null, null_mask = null_text(model, local_bs, text)
-    drop = torch.rand(local_bs, generator=g) < cfg.caption_dropout
+            item = dataset[int(torch.randint(len(dataset), (1,), generator=g))]
+        items.append({**item, "drop": torch.rand(1, generator=g)[0] < cfg.caption_dropout})
+    batch = collate(items)
+    if model.text_encoder is not None:
+        text, mask = model.tokenize(batch["caption"])
+    else:
+        text, mask = batch["text_emb"].float(), batch["text_mask"].bool()
+    null, null_mask = flow.null_text(model, n, text)
+    drop = batch["drop"]
     text = torch.where(drop.view(-1, *[1] * (text.dim() - 1)), null, text)
     mask = torch.where(drop[:, None], null_mask, mask)
-    return x0, text.to(device), mask.to(device)
+    return batch["video"].to(device), text.to(device), mask.to(device)
 
 
 def learning_rate(cfg, step):
@@ -382,14 +435,16 @@ def learning_rate(cfg, step):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def draw_noise(cfg, x0, g):
-    """A step's times t [B] and noise eps (shaped like x0), drawn for the whole local batch before it is split
-    into micro-batches, so that the split changes no number."""
-    if cfg.stage == 0:
-        t = flow.sample_t(x0.shape[0], g, x0.device, cfg.t_dist, cfg.t_shift)
-    else:
-        t = distill.sample_times(x0.shape[0], g, x0.device)
-    return t, torch.randn(x0.shape, generator=g, device=x0.device)
+def draw_noise(cfg, x0, step, first):
+    """The times t [B] and noise eps (shaped like x0) of samples first .. first + B - 1 of a step, drawn before
+    the local batch is split into micro-batches."""
+    ts, eps = [], []
+    for j in range(x0.shape[0]):
+        g = sample_generator(cfg, step, first + j, x0.device, NOISE)
+        ts.append(flow.sample_t(1, g, x0.device, cfg.t_dist, cfg.t_shift) if cfg.stage == 0 else
+                  distill.sample_times(1, g, x0.device))
+        eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
+    return torch.cat(ts), torch.stack(eps)
 
 
 def stage0_loss(model, x0, text, mask, t, eps):
@@ -442,7 +497,7 @@ def make_objective(cfg, model, net, ema, env, compile_: bool):
         n = x0.shape[0]
         if n not in uncond:
             with torch.no_grad():
-                uncond[n] = teacher.encode_text(*(x.to(device) for x in null_text(model, n, text)))
+                uncond[n] = teacher.encode_text(*(x.to(device) for x in flow.null_text(model, n, text)))
         return stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond[n])
     return loss
 
@@ -494,12 +549,21 @@ def train(cfg: TrainConfig) -> list[dict]:
     ema = DiT(copy.deepcopy(model.cfg)).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.enable_sequence_parallel(env.sp_group)
+    compile_ = cfg.compile and device.type == "cuda"
+    if compile_:
+        model.compile_blocks()
+        ema.compile_blocks()  # stage 1's target network
+    sharded = cfg.fsdp and env.world > 1  # one process: fsdp changes only the checkpoint format
+    if sharded:
+        bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+        parallel.fully_shard_model(model, device, bf16)
+        parallel.fully_shard_model(ema, device, bf16)
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda")
+                            fused=device.type == "cuda" and not sharded)
 
     start, resumed = resume(cfg, model, ema, opt, env)
     dataset = None if cfg.data == "shapes" else \
@@ -513,13 +577,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         list(dataset[0]["video"].shape)
     meta = checkpoint_meta(cfg, shape, init_meta)
 
-    compile_ = cfg.compile and device.type == "cuda"
-    if compile_:
-        model.compile_blocks()
-        ema.compile_blocks()  # stage 1's target network
-    net = ddp = model
-    if env.world > 1:
-        net = ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    net = model
+    if env.world > 1 and not sharded:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     objective = make_objective(cfg, model, net, ema, env, compile_)
 
@@ -531,7 +591,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             if name.startswith(".tmp-ckpt-"):
                 shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
-              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}, micro-batch {min(micro, local_bs)}), "
+              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}{', FSDP' if sharded else ''}, "
+              f"micro-batch {min(micro, local_bs)}), "
               f"steps {start} -> {cfg.steps}" + (f" (resumed from {resumed})" if resumed else ""))
     records, bad = [], torch.zeros((), dtype=torch.bool, device=device)
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main, dynamic_ncols=True)
@@ -541,25 +602,27 @@ def train(cfg: TrainConfig) -> list[dict]:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        # one batch per data-parallel group: the ranks of a sequence-parallel group draw the same data, times
-        # and noise
-        x0, text, mask = get_batch(cfg, model, dataset, step, env.dp_rank, local_bs, device)
-        t, eps = draw_noise(cfg, x0, step_generator(cfg, step, env.dp_rank, device))
+        # each data-parallel group takes its slice of the global batch; the ranks of a sequence-parallel group
+        # draw the same samples, times and noise
+        first = env.dp_rank * local_bs
+        x0, text, mask = get_batch(cfg, model, dataset, step, first, local_bs, device)
+        t, eps = draw_noise(cfg, x0, step, first)
         opt.zero_grad(set_to_none=True)
         loss = 0.0
         for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
             part = slice(i, i + micro)
-            last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
-            with autocast, (nullcontext() if last or ddp is model else ddp.no_sync()):
+            last = i + micro >= local_bs  # DDP and FSDP reduce the gradients once, after the last micro-batch
+            with autocast, gradient_sync(net, last):
                 part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * (len(t[part]) / local_bs)
                 # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
-                # and DDP averages over all ranks, hence the factor sp_size
+                # and DDP and FSDP average over all ranks, hence the factor sp_size
                 (part_loss * env.sp_size).backward()
             loss = loss + part_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
         opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - cfg.ema)
+        with torch.no_grad():  # EMA and model are sharded alike: each rank updates its own shard
+            torch._foreach_lerp_([parallel.local_tensor(p) for p in ema.parameters()],
+                                 [parallel.local_tensor(p) for p in model.parameters()], 1 - cfg.ema)
         bad |= ~torch.isfinite(loss)
 
         done = step + 1
@@ -572,14 +635,16 @@ def train(cfg: TrainConfig) -> list[dict]:
             parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
         last_step = done == cfg.steps or out_of_time
         if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
-            if bad.item():  # the only host sync: once per interval
+            if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
                 last = checkpoints(cfg.run_dir)
                 raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
                                          f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
                                          "e.g. with a lower lr)")
             now = time.time()
             rate = (done - step_last) / max(now - t_last, 1e-9)
-            rec = {"step": done, "loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "it_s": rate,
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            rec = {"step": done, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
+                   "lr": lr, "it_s": rate,
                    "videos_s": rate * cfg.batch_size, "time": now}
             if device.type == "cuda":
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -589,8 +654,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                 pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-        if (done % cfg.ckpt_every == 0 or last_step) and env.is_main and cfg.save:
-            save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done})
+        if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
+            save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done}, env)
         if out_of_time:
             if env.is_main:
                 print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
@@ -598,6 +663,15 @@ def train(cfg: TrainConfig) -> list[dict]:
     pbar.close()
     parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
     return records
+
+
+def gradient_sync(net, on: bool):
+    """A context in which backward reduces gradients over the ranks only if `on` (the last micro-batch)."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if on else net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(on)
+    return nullcontext()
 
 
 USAGE = "usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors]"

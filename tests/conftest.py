@@ -19,10 +19,10 @@ def one_fixed_batch(monkeypatch):
     than batch noise."""
     import train
     fixed = {}
-    batch, gen = train.get_batch, train.step_generator
+    batch, gen = train.get_batch, train.sample_generator
     monkeypatch.setattr(train, "get_batch",
                         lambda cfg, m, d, step, *a: fixed[0] if fixed else fixed.setdefault(0, batch(cfg, m, d, 0, *a)))
-    monkeypatch.setattr(train, "step_generator", lambda cfg, step, rank, device: gen(cfg, 0, rank, device))
+    monkeypatch.setattr(train, "sample_generator", lambda cfg, step, *a: gen(cfg, 0, *a))
 
 
 def tiny_model(**overrides):

@@ -54,3 +54,24 @@ def test_sample_t():
     plain = flow.sample_t(4000, torch.Generator().manual_seed(1))
     shifted = flow.sample_t(4000, torch.Generator().manual_seed(1), shift=3.0)
     assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain)) and (shifted >= plain).all()
+
+
+def test_generate_from_precomputed_embeddings_is_guided_euler():
+    """flow.generate for a model that reads text embeddings (OSP-1.2's kind): the Euler steps with guidance
+    against the single-zero-token unconditional input, written out by hand."""
+    from conftest import tiny_model
+    m = tiny_model(text_encoder="none", text_dim=16)
+    emb, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    out = flow.generate(m, (emb, mask), [3, 2, 8, 8], {"name": "euler", "steps": 2, "cfg": 3.0, "shift": 1.0}, seed=1)
+    null, null_mask = torch.zeros_like(emb), torch.zeros(2, 5, dtype=torch.bool)
+    null_mask[:, 0] = True
+    x = torch.randn(2, 3, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t0, t1 in ((1.0, 0.5), (0.5, 0.0)):
+            t = torch.full((2,), t0)
+            v_cond, v_uncond = m(x, t, emb, mask), m(x, t, null, null_mask)
+            x = x + (t1 - t0) * (v_uncond + 3.0 * (v_cond - v_uncond))
+    assert torch.allclose(out, x, atol=1e-5)
+    with pytest.raises(ValueError, match="precomputed text embeddings"):
+        flow.generate(m, ["a red circle"], [3, 2, 8, 8], {"name": "euler", "steps": 1, "cfg": 1.0, "shift": 1.0})

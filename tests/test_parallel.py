@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import read_log, tiny_checkpoint
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,39 +102,66 @@ def test_torchrun_sampling_writes_the_same_frames(tmp_path):
     assert len(a) == len(b) == 3 and a == b
 
 
-def _sp2_matches_one_process(tmp_path, args, steps):
-    """The same training run in one process and under torchrun with sp_size=2: every logged step's loss and
-    gradient norm agree."""
-    common = [os.path.join(ROOT, "train.py"), *args, f"steps={steps}", "log_every=1", "warmup=1", "compile=false",
-              "device=cpu"]
+def torchrun(nproc, args):
+    """python -m torch.distributed.run with nproc gloo processes; -> the CompletedProcess (asserted to succeed)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    one = subprocess.run([sys.executable, *common, f"run_dir={tmp_path / 'one'}"], capture_output=True, text=True,
-                         env=env)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), *common, f"run_dir={tmp_path / 'two'}", "sp_size=2"],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr
-    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    r = subprocess.run(launcher + args, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_log(one, other, steps, rtol=1e-4):
+    """Every logged step's loss and gradient norm agree."""
     for key in ("loss", "grad_norm"):
-        a, b = [r[key] for r in one], [r[key] for r in two]
+        a, b = [r[key] for r in read_log(one)], [r[key] for r in read_log(other)]
         assert len(a) == len(b) == steps
-        assert all(abs(x - y) < 1e-4 * abs(x) for x, y in zip(a, b)), (key, a, b)
+        assert all(abs(x - y) < rtol * abs(x) for x, y in zip(a, b)), (key, a, b)
+
+
+def train_args(*args, steps):
+    return [os.path.join(ROOT, "train.py"), *args, f"steps={steps}", "log_every=1", "warmup=1", "compile=false",
+            "device=cpu"]
+
+
+STAGE0 = [os.path.join(ROOT, "configs", "stage0.yaml"), "model=tiny", "model_args.hidden=48", "model_args.heads=6",
+          "num_frames=3", "size=20", "batch_size=2"]
 
 
 def test_torchrun_training_sp2_matches_one_process(tmp_path):
-    """Same batches, times and noise; each rank's gradient covers its tokens: losses and gradient norms of the
-    first steps (the later ones after updates) match the single-process run."""
-    _sp2_matches_one_process(tmp_path, [os.path.join(ROOT, "configs", "stage0.yaml"), "model=tiny",
-                                        "model_args.hidden=48", "model_args.heads=6", "num_frames=3", "size=20",
-                                        "batch_size=2"], steps=3)
+    """DDP with sp_size=2: same batches, times and noise; each rank's gradient covers its tokens; losses and
+    gradient norms of the first steps (the later ones after updates) match the single-process run."""
+    args = train_args(*STAGE0, steps=3)
+    torchrun(1, args + [f"run_dir={tmp_path / 'one'}"])
+    torchrun(2, args + [f"run_dir={tmp_path / 'two'}", "sp_size=2"])
+    assert_same_log(tmp_path / "one", tmp_path / "two", 3)
 
 
-def test_torchrun_stage3_sp2_matches_one_process(tmp_path):
-    """Stage 3's layer-wise term: each rank records only its own heads, so it must backpropagate its share of
-    the mean over all heads (and log the total); loss and gradient norm match one process."""
+def test_fsdp_4_processes_match_one_and_resume_at_2(tmp_path):
+    """FSDP2 over 4 ranks with sp_size=2 (2 data-parallel groups, so each takes half the batch) matches one
+    process step by step; its DCP checkpoint of step 2 resumes at 2 processes (another sharding) with the same
+    step 3; --export gathers the shards into the same EMA weights as the one-process run's."""
+    args = lambda steps: train_args(*STAGE0, "fsdp=true", "ckpt_every=2", steps=steps)  # noqa: E731
+    torchrun(1, args(3) + [f"run_dir={tmp_path / 'one'}"])
+    torchrun(4, args(2) + [f"run_dir={tmp_path / 'four'}", "sp_size=2"])
+    torchrun(2, args(3) + [f"run_dir={tmp_path / 'four'}", "sp_size=1"])  # resumes at step 2
+    assert_same_log(tmp_path / "one", tmp_path / "four", 3)
+    for run in ("one", "four"):
+        torchrun(1, args(3) + [f"run_dir={tmp_path / run}", "--export", str(tmp_path / f"{run}.safetensors")])
+    a, b = (load_model(str(tmp_path / f"{run}.safetensors"))[0].state_dict() for run in ("one", "four"))
+    # a shard gathered into the wrong place would differ by the weights' size; bf16 rounding by one step at most
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-2, rtol=0) for k in a)
+
+
+def test_torchrun_stage3_fsdp_sp2_matches_one_process(tmp_path):
+    """Stage 3 on 4 ranks (FSDP, sp_size=2, activation checkpointing): each rank records only its own heads, so
+    it backpropagates its share of the mean over all heads (and logs the total); every step matches one process."""
     plan = tmp_path / "plan.yaml"
     plan.write_text("plan: [1, full, 2, 1, 1, full, 3, 1]\n")
-    _sp2_matches_one_process(tmp_path, [os.path.join(ROOT, "configs", "stage3.yaml"), f"plan={plan}",
-                                        f"init={os.path.join(ROOT, 'checkpoints', 'mlcd.safetensors')}",
-                                        "num_frames=4", "size=32", "batch_size=2"], steps=2)
+    args = train_args(os.path.join(ROOT, "configs", "stage3.yaml"), f"plan={plan}",
+                      f"init={os.path.join(ROOT, 'checkpoints', 'mlcd.safetensors')}", "num_frames=4", "size=32",
+                      "batch_size=2", "fsdp=true", "activation_checkpointing=true", steps=3)
+    torchrun(1, args + [f"run_dir={tmp_path / 'one'}"])
+    torchrun(4, args + [f"run_dir={tmp_path / 'four'}", "sp_size=2"])
+    assert_same_log(tmp_path / "one", tmp_path / "four", 3)
