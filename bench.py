@@ -432,6 +432,9 @@ def bench_sp(args):
 PEAK_BF16_TFLOPS = 989.4  # H100 SXM and H200, dense bf16 tensor cores (NVIDIA's figure), for MFU
 
 
+INIT_STEPS = 4  # the sampling steps of bench_train's random student (stage 2 calibrates along them)
+
+
 def train_flops(cfg, tokens: int, num_frames: int, plan, checkpointing: bool) -> float:
     """Model FLOPs of one training sample (the student's forward + backward): 6 x (weights of every matmul) x
     tokens, plus the self-attention matmuls (QK^T and PV: 4 N^2 D per head, x3 with the backward) at the plan's
@@ -448,8 +451,9 @@ def train_flops(cfg, tokens: int, num_frames: int, plan, checkpointing: bool) ->
 
 def bench_train(args):
     """Training steps of stages 0, 1 and 3 on synthetic latents at the osp12 shape (random: speed and memory
-    only), each run as `python train.py` (or torchrun over --gpus), read back from its log: s/step, tokens/s, peak
-    GiB, MFU (train_flops)."""
+    only), each run as `python train.py` (or torchrun over --gpus, with sp_size min(--sp, gpus) and --fsdp), read
+    back from its log: s/step, tokens/s, peak GiB, MFU (train_flops). Stage 2 (one process): the mask search over
+    one synthetic prompt and seed, its seconds per probed sampling step and peak GiB."""
     import subprocess
     import tempfile
     from model import DiT, save_model
@@ -469,17 +473,22 @@ def bench_train(args):
             if not os.path.exists(init_path):
                 m = DiT(cfg)
                 save_model(init_path, m.state_dict(), m.cfg, {"kind": "mlcd", "video_shape": shape,
-                           "sampler": {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}}, dtype=torch.bfloat16)
+                           "sampler": {"name": "euler", "steps": INIT_STEPS, "cfg": 1.0, "shift": 1.0}}, dtype=torch.bfloat16)
                 del m
             init = [f"init={init_path}", f"teacher={init_path}"] + ([f"plan={plan_file}"] if stage == 3 else [])
-        for n in args.gpus if torch.cuda.is_available() else [1]:
+        for n in args.gpus if torch.cuda.is_available() and stage != 2 else [1]:
             run_dir = os.path.join(work, f"stage{stage}-{n}")
+            sp = min(args.sp, n)
+            samples = n // sp * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
             overrides = [f"run_dir={run_dir}", "model=osp12", f"model_args={json.dumps(model_args)}", "data=synthetic",
-                         f"synthetic_shape={json.dumps(shape)}", f"batch_size={n * args.batch}", f"sp_size={args.sp}",
+                         f"synthetic_shape={json.dumps(shape)}", f"batch_size={samples}", f"sp_size={sp}",
                          f"steps={args.repeat + 2}", "log_every=1", "save=false", "warmup=1",
-                         f"compile={str(args.compile).lower()}",
+                         f"compile={str(args.compile).lower()}", f"fsdp={str(args.fsdp).lower()}",
                          f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
-            launcher = [sys.executable] if n == 1 and args.sp == 1 else \
+            if stage == 2:
+                overrides = [f"run_dir={run_dir}", "data=synthetic", f"synthetic_shape={json.dumps(shape)}",
+                             "calib_prompts=1", "calib_seeds=1", init[0]]
+            launcher = [sys.executable] if n == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
             config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"stage{stage}.yaml")
             r = subprocess.run(launcher + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
@@ -488,12 +497,19 @@ def bench_train(args):
                 print(f"stage {stage} on {n} GPU(s) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
                 continue
             with open(os.path.join(run_dir, "log.jsonl")) as f:
-                log = [json.loads(line) for line in f][2:]  # the first two steps compile and warm up
+                log = [json.loads(line) for line in f]
+            if stage == 2:  # each threshold's record carries the calibration's cost; s/step: per sampling step
+                rec = log[0]
+                rows.append({"stage": 2, "gpus": 1, "sp": 1, "plan": "search",
+                             "s/step": fmt(rec["seconds"] / INIT_STEPS, 3),
+                             "tokens/s": fmt(tokens * INIT_STEPS / rec["seconds"], 0),
+                             "peak_GiB": fmt(rec.get("mem_gb", 0.0), 1), "MFU%": "n/a"})
+                continue
+            log = log[2:]  # the first two steps compile and warm up
             s_step = statistics.median(1 / rec["it_s"] for rec in log)
-            samples = n * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
             stage_plan = plan if stage == 3 else ["full"]  # stages 0 and 1 train with full attention
             flops = train_flops(cfg, tokens, T, stage_plan, args.checkpointing) * samples
-            rows.append({"stage": stage, "gpus": n, "sp": args.sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
+            rows.append({"stage": stage, "gpus": n, "sp": sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
                          "full", "s/step": fmt(s_step, 3),
                          "tokens/s": fmt(samples * tokens / s_step, 0),
                          "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in log), 1),
@@ -521,8 +537,9 @@ def main(argv=None):
     p.add_argument("--backend", default=["auto"], nargs="+", choices=BACKENDS,
                    help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
     p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")
-    p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 3], help="train: the stages")
-    p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size")
+    p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 2, 3], help="train: the stages")
+    p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size (at most the GPU count of a run)")
+    p.add_argument("--fsdp", action="store_true", help="train: fsdp=true (FSDP2 over every rank)")
     p.add_argument("--checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--skip-triton", action="store_true", help="attention: leave out flex on its Triton kernel")
     p.add_argument("--latent-frames", type=int, nargs="*", default=[8, 24], help="attention: 8 (29f) and/or 24 (93f)")

@@ -28,6 +28,7 @@ searched plan: loss = w_out * MSE(v_student, v_teacher) + w_attn * mean over lay
 O being each layer's attention output, on the same noisy input.
 """
 import os
+import time
 from contextlib import contextmanager
 
 import torch
@@ -36,7 +37,8 @@ from tqdm import tqdm
 import flow
 import parallel
 from attention import FULL, density, entry_num_ref, frame_mask, mask_label, save_plan, tile_attention
-from data import to_image, validation_prompts
+from cli import UserError
+from data import ShardDataset, SyntheticLatents, collate, to_image, validation_prompts
 from model import load_model
 
 CALIBRATION_SEED = 10_000  # noise seeds of the stage-2 calibration samples: 10_000, 10_001, ...
@@ -159,6 +161,20 @@ def write_plan(path, rows, threshold, num_frames):
         "threshold": threshold, "metric": "relative L2 of the attention output vs full attention"})
 
 
+def calibration_embeddings(cfg, model):
+    """The calibration conditions of a model that reads precomputed text embeddings: those of the first
+    cfg.calib_prompts items of cfg.data (a shard folder, or `synthetic`). -> (text_emb, text_mask)"""
+    if cfg.data == "shapes":
+        raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
+                        "with text_emb (or `synthetic` to measure speed) to calibrate on")
+    dataset = SyntheticLatents(cfg.synthetic_shape, model.cfg.text_dim) if cfg.data == "synthetic" else \
+        ShardDataset(cfg.data)
+    batch = collate([dataset[i % len(dataset)] for i in range(cfg.calib_prompts)])
+    if "text_emb" not in batch:
+        raise UserError(f"the shards in {cfg.data!r} have no text_emb, which this model reads (see data.py)")
+    return batch["text_emb"].float(), batch["text_mask"].bool()
+
+
 def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     """Stage 2: measure every layer's error under every candidate mask along the `cfg.init` model's own
     sampling trajectories (cfg.calib_prompts prompts x cfg.calib_seeds seeds), pick the plan for threshold
@@ -169,18 +185,23 @@ def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     T = meta["video_shape"][1] // model.cfg.patch_size[0]
     candidates = sorted(cfg.candidates) or list(range(1, T))
     probe = AttentionProbe(candidates, model.cfg.depth, T)
-    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1)  # evaluation uses seed 0
+    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1) if model.text_encoder is not None else \
+        calibration_embeddings(cfg, model)  # (evaluation's prompts use seed 0)
     sampler = flow.sampler_settings(meta)
+    start = time.time()
     with probe.attached(model):
         for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not is_main):
             flow.generate(model, prompts, meta["video_shape"], sampler, seed=CALIBRATION_SEED + seed)
     errors = probe.errors()
+    cost = {"seconds": round(time.time() - start, 2)}  # the calibration's time (and peak memory on a GPU)
+    if device.type == "cuda":
+        cost["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     records = []
     for r in [cfg.threshold] + list(cfg.sweep):  # the paper's r sweep reuses the same measurements
         plan = choose_plan(errors, candidates, r)
         name = "plan.yaml" if not records else f"plan-r{r}.yaml"
         records.append({"threshold": r, "plan": plan, "mean_sparsity": None, "file": os.path.join(cfg.run_dir, name),
-                        "rows": plan_report(plan, errors, candidates, T)})
+                        "rows": plan_report(plan, errors, candidates, T), **cost})
     if not is_main:  # under torchrun every rank searches alike; one writes
         return records
     os.makedirs(cfg.run_dir, exist_ok=True)

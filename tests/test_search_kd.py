@@ -121,3 +121,21 @@ def test_tile_mass_by_frame_pairs_equals_the_dense_softmax(B, H, T, S):
     p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # [B, H, N, N]
     dense = p.unflatten(3, (T, S)).sum(-1).unflatten(2, (T, S)).mean((0, 1, 3))  # [T, T]
     torch.testing.assert_close(distill.tile_mass(q, k, T), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_search_on_an_embedding_model_calibrates_on_the_data_embeddings(tmp_path):
+    """A model without a text encoder (OSP-1.2's kind) calibrates on the text embeddings of `data` (here the
+    synthetic latents' random ones): the search runs, reports its cost, and `data: shapes` is a clear error."""
+    init = tiny_checkpoint(tmp_path / "emb.safetensors", {
+        "kind": "mlcd", "video_shape": [3, 4, 16, 16], "sampler": {"name": "euler", "steps": 2, "cfg": 1.0, "shift": 1.0}},
+        depth=2, text_encoder="none", text_dim=16)
+    args = [f"run_dir={tmp_path / 's2'}", f"init={init}", "calib_prompts=2", "calib_seeds=1", "sweep=[]"]
+    cfg = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), args + ["data=synthetic",
+                                                                                    "synthetic_shape=[3, 4, 16, 16]"])
+    emb, mask = distill.calibration_embeddings(cfg, load_model(init)[0])
+    assert emb.shape == (2, 300, 16) and mask.all()
+    assert torch.equal(emb[1], train.SyntheticLatents([3, 4, 16, 16], 16)[1]["text_emb"])
+    [record] = train.train(cfg)
+    assert len(record["plan"]) == 2 and record["seconds"] > 0
+    with pytest.raises(ValueError, match="precomputed text embeddings"):
+        train.train(train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), args))
