@@ -24,6 +24,7 @@ safetensors shards of latents (data.py documents the format). Leaves out: sampli
 (evaluate.py), the distillation objectives of later stages (distill.py).
 """
 import copy
+import hashlib
 import json
 import math
 import os
@@ -265,8 +266,13 @@ def load_sharded(path, model, ema, opt):
     """Read a DCP checkpoint folder into model, ema and opt, resharded to this run's ranks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
     state = sharded_state(model, ema, opt)
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except CheckpointException as e:  # a BaseException (it passes `except Exception`): raised as an OSError
+        rank, (error, _) = next(iter(e.failures.items()))
+        raise OSError(f"rank {rank}: {first_line(error)}") from None
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, opt, state["optimizer"])
@@ -303,13 +309,16 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
     another config stops the run with the differences."""
     found = checkpoints(cfg.run_dir)
     for path in reversed(found):
+        if not parallel.same_on_all_ranks(int(os.path.basename(path)[5:]), env.device):  # before any collective
+            raise UserError(f"the processes see different checkpoints in {cfg.run_dir!r}: is run_dir shared by "
+                            "every node?")
         try:
             state, weights, ema_weights, model_config = read_checkpoint(path)
+            error = None
         except Exception as e:  # noqa: BLE001 - a file that does not read means: take the checkpoint before
-            aside = unused_path(os.path.join(cfg.run_dir, "broken-" + os.path.basename(path)))
-            warn(f"checkpoint {path} does not load ({first_line(e)[:200]}); set aside as {os.path.basename(aside)}")
-            if env.is_main:
-                os.replace(path, aside)
+            error = e
+        if parallel.any_rank(error is not None, env.device):  # every rank takes the same checkpoint
+            set_aside(path, error, cfg.run_dir, env)
             continue
         saved = {**asdict(TrainConfig()), **state["config"]}  # a key added since then has its default
         changed = differences(saved, asdict(cfg), RUN_KEYS) + differences(
@@ -318,7 +327,13 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
             raise UserError(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
                             f"run_dir, or the config it was started with")
         if weights is None:
-            load_sharded(os.path.join(path, "dcp"), model, ema, opt)
+            try:
+                load_sharded(os.path.join(path, "dcp"), model, ema, opt)
+            except Exception as e:  # noqa: BLE001 - the checkpoint before overwrites whatever was half-loaded
+                error = e
+            if parallel.any_rank(error is not None, env.device):
+                set_aside(path, error, cfg.run_dir, env)
+                continue
         else:
             model.load_state_dict(weights)
             ema.load_state_dict(ema_weights)
@@ -326,19 +341,25 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step = state["step"]
-        break
-    else:
-        broken = sorted(n for n in os.listdir(cfg.run_dir) if n.startswith("broken-")) \
-            if os.path.isdir(cfg.run_dir) else []
-        if broken:  # never start afresh (and cut the log to nothing) over checkpoints that did not load
-            raise UserError(f"no checkpoint in {cfg.run_dir!r} loads ({', '.join(broken)} did not): move them away "
-                            "to start afresh, or give another run_dir")
-        step, path = 0, None
-    if not parallel.same_on_all_ranks(step, env.device):
-        raise UserError(f"the processes resumed {cfg.run_dir!r} from different checkpoints: is run_dir shared by "
-                        "every node?")
-    return step, path
+        return state["step"], path
+    broken = sorted(n for n in os.listdir(cfg.run_dir) if n.startswith("broken-")) if os.path.isdir(cfg.run_dir) else []
+    if broken:  # never start afresh (and cut the log to nothing) over checkpoints that did not load
+        raise UserError(f"no checkpoint in {cfg.run_dir!r} loads ({', '.join(broken)} did not): move them away "
+                        "to start afresh, or give another run_dir")
+    if not parallel.same_on_all_ranks(-1, env.device):  # meets the check above on a rank that found checkpoints
+        raise UserError(f"the processes see different checkpoints in {cfg.run_dir!r}: is run_dir shared by every "
+                        "node?")
+    return 0, None
+
+
+def set_aside(path, error, run_dir, env):
+    """Rename a checkpoint that does not load to broken-ckpt-N (rank 0), saying why (on the rank it failed)."""
+    aside = unused_path(os.path.join(run_dir, "broken-" + os.path.basename(path)))
+    if error is not None:
+        warn(f"checkpoint {path} does not load ({first_line(error)[:200]}); set aside as {os.path.basename(aside)}")
+    parallel.barrier()  # every rank has looked at it
+    if env.is_main:
+        os.replace(path, aside)
 
 
 def unused_path(path: str) -> str:
@@ -379,7 +400,12 @@ def export(cfg: TrainConfig, out: str):
         meta = read_checkpoint(found[-1])[0]["meta"]
         model = DiT(ModelConfig(**meta["model_config"]))
         state = {"ema": model.state_dict()}
-        dcp.load(state, checkpoint_id=os.path.join(found[-1], "dcp"))
+        from torch.distributed.checkpoint.api import CheckpointException
+        try:
+            dcp.load(state, checkpoint_id=os.path.join(found[-1], "dcp"))
+        except CheckpointException as e:  # a missing or corrupt shard
+            error = next(iter(e.failures.values()))[0]
+            raise UserError(f"--export: {found[-1]} does not load ({first_line(error)[:200]})") from None
         model.load_state_dict(state["ema"])
     else:
         model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
@@ -392,15 +418,15 @@ def export(cfg: TrainConfig, out: str):
 # ----------------------------------------------------------------------------------------------------------
 # Data and objective
 
-SEED_STRIDES = (1_000_003, 1009)  # primes that mix (seed, step, sample index) into one generator seed
 DATA, NOISE = 0, 1  # a sample's two random streams: what it shows, and its training time and noise
 
 
 def sample_generator(cfg, step, index, device, stream):
     """The generator of one stream of one sample's random draws at one step. index is the sample's place in the
     step's global batch, so a step draws the same batch whatever the world size, sp_size or micro-batch."""
+    key = hashlib.blake2b(f"{cfg.seed}/{step}/{index}/{stream}".encode(), digest_size=8).digest()
     g = torch.Generator(device=device)
-    g.manual_seed((((cfg.seed * SEED_STRIDES[0] + step) * SEED_STRIDES[1] + index) * 2 + stream) % 2**63)
+    g.manual_seed(int.from_bytes(key, "little") % 2**63)  # distinct for every (seed, step, index, stream)
     return g
 
 
@@ -611,7 +637,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         loss = 0.0
         for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
             part = slice(i, i + micro)
-            last = i + micro >= local_bs  # DDP and FSDP reduce the gradients once, after the last micro-batch
+            last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
             with autocast, gradient_sync(net, last):
                 part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * (len(t[part]) / local_bs)
                 # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
@@ -666,11 +692,10 @@ def train(cfg: TrainConfig) -> list[dict]:
 
 
 def gradient_sync(net, on: bool):
-    """A context in which backward reduces gradients over the ranks only if `on` (the last micro-batch)."""
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext() if on else net.no_sync()
-    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
-        net.set_requires_gradient_sync(on)
+    """A context in which DDP's backward all-reduces the gradients only if `on` (the last micro-batch). FSDP
+    reduce-scatters after every micro-batch (the shards accumulate), so no unsharded gradient outlives one."""
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel) and not on:
+        return net.no_sync()
     return nullcontext()
 
 

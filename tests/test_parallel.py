@@ -138,20 +138,51 @@ def test_torchrun_training_sp2_matches_one_process(tmp_path):
     assert_same_log(tmp_path / "one", tmp_path / "two", 3)
 
 
+def dcp_weights(ckpt) -> dict:
+    """{"model": ..., "ema": ...} full fp32 state dicts of a DCP checkpoint folder, read in this process."""
+    import torch.distributed.checkpoint as dcp
+    from model import DiT, ModelConfig
+    meta = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)["meta"]
+    out = {}
+    for key in ("model", "ema"):
+        state = {key: DiT(ModelConfig(**meta["model_config"])).state_dict()}
+        dcp.load(state, checkpoint_id=os.path.join(ckpt, "dcp"))
+        out[key] = state[key]
+    return out
+
+
 def test_fsdp_4_processes_match_one_and_resume_at_2(tmp_path):
-    """FSDP2 over 4 ranks with sp_size=2 (2 data-parallel groups, so each takes half the batch) matches one
-    process step by step; its DCP checkpoint of step 2 resumes at 2 processes (another sharding) with the same
-    step 3; --export gathers the shards into the same EMA weights as the one-process run's."""
-    args = lambda steps: train_args(*STAGE0, "fsdp=true", "ckpt_every=2", steps=steps)  # noqa: E731
-    torchrun(1, args(3) + [f"run_dir={tmp_path / 'one'}"])
+    """FSDP2 over 4 ranks with sp_size=2 (2 data-parallel groups, each taking half the batch) matches one process
+    step by step; its DCP checkpoint of step 2 resumes at 2 processes (another sharding, 2 micro-batches per rank)
+    and steps 3 and 4 (the second one after an update with the reloaded optimizer state) match too, as do the
+    final weights and EMA (ema=0.5, so it moves); --export gathers the EMA shards into one file."""
+    args = lambda steps: train_args(*STAGE0, "batch_size=4", "fsdp=true", "ckpt_every=2", "ema=0.5",  # noqa: E731
+                                    steps=steps)
+    torchrun(1, args(4) + [f"run_dir={tmp_path / 'one'}"])
     torchrun(4, args(2) + [f"run_dir={tmp_path / 'four'}", "sp_size=2"])
-    torchrun(2, args(3) + [f"run_dir={tmp_path / 'four'}", "sp_size=1"])  # resumes at step 2
-    assert_same_log(tmp_path / "one", tmp_path / "four", 3)
-    for run in ("one", "four"):
-        torchrun(1, args(3) + [f"run_dir={tmp_path / run}", "--export", str(tmp_path / f"{run}.safetensors")])
-    a, b = (load_model(str(tmp_path / f"{run}.safetensors"))[0].state_dict() for run in ("one", "four"))
-    # a shard gathered into the wrong place would differ by the weights' size; bf16 rounding by one step at most
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-2, rtol=0) for k in a)
+    torchrun(2, args(4) + [f"run_dir={tmp_path / 'four'}", "sp_size=1", "micro_batch=1"])  # resumes at step 2
+    assert_same_log(tmp_path / "one", tmp_path / "four", 4)
+    a, b = (dcp_weights(tmp_path / run / "ckpt-0000004") for run in ("one", "four"))
+    for key in ("model", "ema"):
+        assert all(torch.allclose(a[key][k], b[key][k], atol=1e-6, rtol=1e-4) for k in a[key]), key
+    moved = max((a["ema"][k] - dcp_weights(tmp_path / "four" / "ckpt-0000002")["ema"][k]).abs().max() for k in a["ema"])
+    assert moved > 1e-4  # the EMA of steps 3 and 4 changed, by far more than the tolerance above
+    torchrun(1, args(4) + [f"run_dir={tmp_path / 'four'}", "--export", str(tmp_path / "four.safetensors")])
+    exported = load_model(str(tmp_path / "four.safetensors"))[0].state_dict()
+    assert all(torch.equal(exported[k], b["ema"][k].bfloat16().float()) for k in exported)
+
+
+def test_torchrun_stage3_sp2_matches_one_process(tmp_path):
+    """Stage 3 under DDP with sp_size=2: each rank records only its own heads, so it backpropagates its share of
+    the mean over all heads (and logs the total); loss and gradient norm match one process."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("plan: [1, full, 2, 1, 1, full, 3, 1]\n")
+    args = train_args(os.path.join(ROOT, "configs", "stage3.yaml"), f"plan={plan}",
+                      f"init={os.path.join(ROOT, 'checkpoints', 'mlcd.safetensors')}", "num_frames=4", "size=32",
+                      "batch_size=2", steps=2)
+    torchrun(1, args + [f"run_dir={tmp_path / 'one'}"])
+    torchrun(2, args + [f"run_dir={tmp_path / 'two'}", "sp_size=2"])
+    assert_same_log(tmp_path / "one", tmp_path / "two", 2)
 
 
 def test_torchrun_stage3_fsdp_sp2_matches_one_process(tmp_path):

@@ -252,3 +252,30 @@ def test_a_run_whose_checkpoints_all_fail_is_never_restarted_from_scratch(tmp_pa
     assert [r["step"] for r in read_log(cfg.run_dir)] == [1, 2]  # the log is kept
     moved = train.train(cfg_for(tmp_path / "elsewhere", "steps=1"))  # another run_dir starts afresh
     assert [r["step"] for r in moved] == [1]
+
+
+def test_sample_generators_differ_for_every_step_index_and_stream():
+    """A sample's draws depend on (seed, step, index, stream) alone: no two of these collide (a linear mix of
+    step and index would repeat sample 1009 of step s as sample 0 of step s + 1)."""
+    cfg = train.make_config({})
+    keys = [(s, i, k) for s in (0, 1, 2) for i in (0, 1, 1008, 1009, 2018) for k in (train.DATA, train.NOISE)]
+    draws = {torch.rand(4, generator=train.sample_generator(cfg, s, i, "cpu", k)).sum().item() for s, i, k in keys}
+    assert len(draws) == len(keys)
+    again = train.sample_generator(cfg, 2, 1009, "cpu", train.NOISE)
+    assert torch.equal(torch.rand(4, generator=again), torch.rand(4, generator=train.sample_generator(
+        cfg, 2, 1009, "cpu", train.NOISE)))
+
+
+def test_fsdp_checkpoint_with_a_missing_shard_is_set_aside(tmp_path, capsys):
+    """fsdp: true in one process writes DCP checkpoints; one whose shard file is gone is named, set aside, and the
+    run resumes from the one before it, with the same steps as a run that was never interrupted."""
+    cfg = cfg_for(tmp_path, "steps=4", "fsdp=true", "keep=3")
+    train.train(cfg)
+    shard = [n for n in os.listdir(os.path.join(cfg.run_dir, "ckpt-0000004", "dcp")) if n.endswith(".distcp")]
+    os.remove(os.path.join(cfg.run_dir, "ckpt-0000004", "dcp", shard[0]))
+    records = train.train(cfg)
+    assert "ckpt-0000004 does not load" in capsys.readouterr().err
+    assert [r["step"] for r in records] == [3, 4] and os.path.isdir(os.path.join(cfg.run_dir, "broken-ckpt-0000004"))
+    straight = cfg_for(tmp_path / "straight", "steps=4", "fsdp=true")
+    train.train(straight)
+    assert [r["loss"] for r in read_log(cfg.run_dir)] == [r["loss"] for r in read_log(straight.run_dir)]
