@@ -499,8 +499,10 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
         v_teacher = teacher(x_t, t, text, mask)
     with student:
         v_student = net(x_t, t, text, mask)
-    return distill.kd_loss(v_student, v_teacher, student.outputs, teach.outputs, cfg.kd_output_weight,
+    loss = distill.kd_loss(v_student, v_teacher, student.outputs, teach.outputs, cfg.kd_output_weight,
                            cfg.kd_attn_weight, teacher.sp_group)
+    student.outputs, teach.outputs = [], []  # the loss keeps what its backward needs, freed as that runs
+    return loss
 
 
 def make_objective(cfg, model, net, ema, env, compile_: bool):

@@ -139,3 +139,22 @@ def test_search_on_an_embedding_model_calibrates_on_the_data_embeddings(tmp_path
     assert len(record["plan"]) == 2 and record["seconds"] > 0
     with pytest.raises(ValueError, match="precomputed text embeddings"):
         train.train(train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), args))
+
+
+def test_mean_squared_error_matches_autograd_and_keeps_only_its_inputs():
+    """The KD term's MSE: value and gradient equal the plain autograd expression (float64 and bf16 inputs), and
+    what it keeps for the backward is a and b themselves, not an fp32 difference per layer."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.bfloat16):
+        a = torch.randn(2, 6, 4, 8, generator=g).to(dtype).requires_grad_()
+        b = torch.randn(2, 6, 4, 8, generator=g).to(dtype)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = distill.mean_squared_error(a, b)
+        assert {t.data_ptr() for t in saved} <= {a.data_ptr(), b.data_ptr()} and saved
+        (grad,) = torch.autograd.grad(loss, a)
+        ref_a = a.detach().float().requires_grad_()
+        ref = (ref_a - b.float()).pow(2).mean()
+        ref.backward()
+        assert torch.allclose(loss, ref, rtol=1e-6) and grad.dtype == dtype
+        assert torch.allclose(grad.float(), ref_a.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-12, atol=1e-6)
