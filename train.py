@@ -648,6 +648,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             loss = loss + part_loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
         opt.step()
+        if sharded:  # stage 1's target forward leaves the EMA's root weights gathered (FSDP keeps a root's)
+            ema.reshard()
         with torch.no_grad():  # EMA and model are sharded alike: each rank updates its own shard
             torch._foreach_lerp_([parallel.local_tensor(p) for p in ema.parameters()],
                                  [parallel.local_tensor(p) for p in model.parameters()], 1 - cfg.ema)

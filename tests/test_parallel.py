@@ -196,3 +196,14 @@ def test_torchrun_stage3_fsdp_sp2_matches_one_process(tmp_path):
     torchrun(1, args + [f"run_dir={tmp_path / 'one'}"])
     torchrun(4, args + [f"run_dir={tmp_path / 'four'}", "sp_size=2"])
     assert_same_log(tmp_path / "one", tmp_path / "four", 3)
+
+
+def test_torchrun_stage1_fsdp_sp2_matches_one_process(tmp_path):
+    """Stage 1 under FSDP: the sharded EMA is the MLCD target (its forward gathers the shards, and its update
+    after the step works on shards again), so step 2's loss, which reads the EMA of step 1, matches one process."""
+    args = train_args(os.path.join(ROOT, "configs", "stage1.yaml"),
+                      f"init={os.path.join(ROOT, 'checkpoints', 'base.safetensors')}", "num_frames=4", "size=32",
+                      "batch_size=2", "teacher_steps=8", "segments=2", "ema=0.5", "fsdp=true", steps=2)
+    torchrun(1, args + [f"run_dir={tmp_path / 'one'}"])
+    torchrun(2, args + [f"run_dir={tmp_path / 'two'}", "sp_size=2"])
+    assert_same_log(tmp_path / "one", tmp_path / "two", 2)
