@@ -482,7 +482,8 @@ def bench_train(args):
             samples = n // sp * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
             overrides = [f"run_dir={run_dir}", "model=osp12", f"model_args={json.dumps(model_args)}", "data=synthetic",
                          f"synthetic_shape={json.dumps(shape)}", f"batch_size={samples}", f"sp_size={sp}",
-                         f"steps={args.repeat + 2}", "log_every=1", "save=false", "warmup=1",
+                         f"steps={args.repeat + 2 + PROFILED_STEPS * args.profile}", "log_every=1", "save=false",
+                         "warmup=1", f"profile={PROFILED_STEPS * args.profile}",
                          f"compile={str(args.compile).lower()}", f"fsdp={str(args.fsdp).lower()}",
                          f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
             if stage == 2:
@@ -505,8 +506,9 @@ def bench_train(args):
                              "tokens/s": fmt(tokens * INIT_STEPS / rec["seconds"], 0),
                              "peak_GiB": fmt(rec.get("mem_gb", 0.0), 1), "MFU%": "n/a"})
                 continue
-            log = log[2:]  # the first two steps compile and warm up
+            log = log[2:2 + args.repeat]  # the first two steps compile and warm up; then the timed ones
             s_step = statistics.median(1 / rec["it_s"] for rec in log)
+            split = trace_split(os.path.join(run_dir, "trace-rank0.json")) if args.profile else {}
             stage_plan = plan if stage == 3 else ["full"]  # stages 0 and 1 train with full attention
             flops = train_flops(cfg, tokens, T, stage_plan, args.checkpointing) * samples
             rows.append({"stage": stage, "gpus": n, "sp": sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
@@ -514,15 +516,37 @@ def bench_train(args):
                          "tokens/s": fmt(samples * tokens / s_step, 0),
                          "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in log), 1),
                          "MFU%": fmt(100 * flops / s_step / 1e12 / PEAK_BF16_TFLOPS / n, 1) if torch.cuda.is_available()
-                         else "n/a (cpu)"})
+                         else "n/a (cpu)", **split})
     for r in rows:  # throughput against the same stage on one GPU
         one = [x for x in rows if x["stage"] == r["stage"] and x["gpus"] == 1]
         r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
     print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
           f"{args.batch} per GPU, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
           "the student's 6 x params x tokens + attention matmuls at the plan's density (bench.train_flops)")
-    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"])
+    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"]
+                + (["step_ms"] + SPLIT_COLS if args.profile else []))
     return rows
+
+
+PROFILED_STEPS = 2  # bench.py train --profile: traced after the timed steps
+
+
+def trace_split(path) -> dict:
+    """A train.py trace (profile: N) -> rank 0's mean step: wall ms, and GPU kernel ms by kind (comm,
+    attention, matmul, other; kernels on different streams overlap, so the kinds may add up to more than the
+    wall time). On a CPU only the wall time."""
+    import re
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    steps = [e["dur"] for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    kinds = dict.fromkeys(SPLIT_COLS, 0.0)
+    for e in events:
+        if e.get("cat") == "kernel":
+            kind = next((k for k, pattern in _KINDS if re.search(pattern, e["name"], re.IGNORECASE)), "other")
+            kinds[f"{kind}_ms"] += e["dur"] / 1e3 / len(steps)
+    cuda = torch.cuda.is_available()
+    return {"step_ms": fmt(sum(steps) / len(steps) / 1e3, 1),
+            **{k: fmt(v, 1) if cuda else "n/a (cpu)" for k, v in kinds.items()}}
 
 
 @entry_point
@@ -533,7 +557,7 @@ def main(argv=None):
     p.add_argument("--frames", type=positive_int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
-                   help="attention, model, sp: split one call's device time by kind (attention, matmul, ...)")
+                   help="attention, model, sp, train: split one call's (train: step's) device time by kind")
     p.add_argument("--backend", default=["auto"], nargs="+", choices=BACKENDS,
                    help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
     p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")

@@ -55,7 +55,7 @@ CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory wha
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
-            "compile", "activation_checkpointing", "run_dir", "device")
+            "compile", "activation_checkpointing", "run_dir", "device", "profile")
 
 
 @dataclass
@@ -91,6 +91,8 @@ class TrainConfig:
     keep: int = 2                        # checkpoints kept in run_dir
     save: bool = True                    # false: write no checkpoint (benchmarks)
     max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
+    profile: int = 0                     # > 0: a torch.profiler trace of the run's last N steps, written to
+                                         # run_dir/trace-rank{R}.json (chrome://tracing or ui.perfetto.dev)
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
     bf16: bool = True                    # bf16 autocast (GPU only)
@@ -626,6 +628,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main, dynamic_ncols=True)
     t_start = t_last = time.time()
     step_last = start
+    prof = step_profiler(cfg, start, env)
     for step in pbar:
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
@@ -686,13 +689,32 @@ def train(cfg: TrainConfig) -> list[dict]:
                     f.write(json.dumps(rec) + "\n")
         if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
             save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done}, env)
+        if prof:
+            prof.step()
         if out_of_time:
             if env.is_main:
                 print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
             break
+    if prof:
+        prof.stop()
     pbar.close()
     parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
     return records
+
+
+def step_profiler(cfg, start, env):
+    """None, or (cfg.profile > 0) a started torch.profiler that records the run's last cfg.profile steps, after
+    one warm-up step, and writes them to run_dir/trace-rank{R}.json; the loop calls .step() after each step."""
+    if not cfg.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+    skip = max(0, cfg.steps - start - cfg.profile)
+    path = os.path.join(cfg.run_dir, f"trace-rank{env.rank}.json")
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else []),
+                   schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=cfg.profile, repeat=1),
+                   on_trace_ready=lambda p: p.export_chrome_trace(path))
+    prof.start()
+    return prof
 
 
 def gradient_sync(net, on: bool):

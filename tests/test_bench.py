@@ -53,9 +53,10 @@ def test_plans_mode_on_a_checkpoint(tmp_path):
 
 def test_train_mode_runs_every_stage_through_train_py(tmp_path):
     out = tmp_path / "train.json"
-    bench.main(["train", "--tiny", "--repeat", "1", "--stages", "0", "1", "2", "3", "--json", str(out)])
+    bench.main(["train", "--tiny", "--repeat", "1", "--stages", "0", "1", "2", "3", "--profile", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["stage"] for r in rows] == [0, 1, 2, 3] and all(r["s/step"] > 0 and r["tokens/s"] > 0 for r in rows)
+    assert all(r["step_ms"] > 0 for r in rows if r["stage"] != 2)  # read from train.py's profile=2 traces
 
 
 def test_train_flops_counts_every_video_matmul_weight():

@@ -279,3 +279,14 @@ def test_fsdp_checkpoint_with_a_missing_shard_is_set_aside(tmp_path, capsys):
     straight = cfg_for(tmp_path / "straight", "steps=4", "fsdp=true")
     train.train(straight)
     assert [r["loss"] for r in read_log(cfg.run_dir)] == [r["loss"] for r in read_log(straight.run_dir)]
+
+
+def test_profile_traces_the_last_steps(tmp_path):
+    """profile: N writes a Chrome trace of the run's last N steps (profiler steps count from 0)."""
+    import json
+    cfg = cfg_for(tmp_path, "steps=4", "profile=2", "save=false")
+    train.train(cfg)
+    with open(os.path.join(cfg.run_dir, "trace-rank0.json")) as f:
+        events = json.load(f)["traceEvents"]
+    assert sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")) == \
+        ["ProfilerStep#2", "ProfilerStep#3"]
