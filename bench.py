@@ -538,7 +538,10 @@ def trace_split(path) -> dict:
     import re
     with open(path) as f:
         events = json.load(f)["traceEvents"]
-    steps = [e["dur"] for e in events if e.get("name", "").startswith("ProfilerStep#")]
+    steps = [e["dur"] for e in events if e.get("cat") == "user_annotation"  # the GPU's copies are gpu_user_annotation
+             and e.get("name", "").startswith("ProfilerStep#")]
+    if not steps:
+        raise ValueError(f"{path} holds no profiled step")
     kinds = dict.fromkeys(SPLIT_COLS, 0.0)
     for e in events:
         if e.get("cat") == "kernel":

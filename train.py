@@ -158,8 +158,9 @@ def make_config(values: dict) -> TrainConfig:
         raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
     model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
-    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1 or cfg.micro_batch < 0:
-        raise UserError("batch_size, log_every and ckpt_every must be >= 1, steps and micro_batch >= 0")
+    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1 or cfg.micro_batch < 0 \
+            or cfg.profile < 0:
+        raise UserError("batch_size, log_every and ckpt_every must be >= 1, steps, micro_batch and profile >= 0")
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
     if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
@@ -503,7 +504,7 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
         v_student = net(x_t, t, text, mask)
     loss = distill.kd_loss(v_student, v_teacher, student.outputs, teach.outputs, cfg.kd_output_weight,
                            cfg.kd_attn_weight, teacher.sp_group)
-    student.outputs, teach.outputs = [], []  # the loss keeps what its backward needs, freed as that runs
+    student.outputs, teach.outputs = [], []  # the loss keeps what its backward needs: freed as the backward starts
     return loss
 
 
@@ -629,92 +630,94 @@ def train(cfg: TrainConfig) -> list[dict]:
     t_start = t_last = time.time()
     step_last = start
     prof = step_profiler(cfg, start, env)
-    for step in pbar:
-        lr = learning_rate(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # each data-parallel group takes its slice of the global batch; the ranks of a sequence-parallel group
-        # draw the same samples, times and noise
-        first = env.dp_rank * local_bs
-        x0, text, mask = get_batch(cfg, model, dataset, step, first, local_bs, device)
-        t, eps = draw_noise(cfg, x0, step, first)
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
-            part = slice(i, i + micro)
-            last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
-            with autocast, gradient_sync(net, last):
-                part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * (len(t[part]) / local_bs)
-                # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
-                # and DDP and FSDP average over all ranks, hence the factor sp_size
-                (part_loss * env.sp_size).backward()
-            loss = loss + part_loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
-        opt.step()
-        if sharded:  # stage 1's target forward leaves the EMA's root weights gathered (FSDP keeps a root's)
-            ema.reshard()
-        with torch.no_grad():  # EMA and model are sharded alike: each rank updates its own shard
-            torch._foreach_lerp_([parallel.local_tensor(p) for p in ema.parameters()],
-                                 [parallel.local_tensor(p) for p in model.parameters()], 1 - cfg.ema)
-        bad |= ~torch.isfinite(loss)
+    with prof or nullcontext():  # a profiler stops (and writes its trace) however the loop ends
+        for step in pbar:
+            lr = learning_rate(cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # each data-parallel group takes its slice of the global batch; the ranks of a sequence-parallel group
+            # draw the same samples, times and noise
+            first = env.dp_rank * local_bs
+            x0, text, mask = get_batch(cfg, model, dataset, step, first, local_bs, device)
+            t, eps = draw_noise(cfg, x0, step, first)
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
+                part = slice(i, i + micro)
+                last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
+                with autocast, gradient_sync(net, last):
+                    part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * \
+                        (len(t[part]) / local_bs)
+                    # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
+                    # and DDP and FSDP average over all ranks, hence the factor sp_size
+                    (part_loss * env.sp_size).backward()
+                loss = loss + part_loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
+            opt.step()
+            if sharded:  # stage 1's target forward leaves the EMA's root weights gathered (FSDP keeps a root's)
+                ema.reshard()
+            with torch.no_grad():  # EMA and model are sharded alike: each rank updates its own shard
+                torch._foreach_lerp_([parallel.local_tensor(p) for p in ema.parameters()],
+                                     [parallel.local_tensor(p) for p in model.parameters()], 1 - cfg.ema)
+            bad |= ~torch.isfinite(loss)
 
-        done = step + 1
-        if done == start + 1 and device.type == "cpu":  # a GPU-sized config on a CPU: say what it will take
-            hours = (time.time() - t_start) * (cfg.steps - done) / 3600
-            if hours > 1:
-                warn(f"on this CPU one step takes {time.time() - t_start:.0f} s: {cfg.steps - done} more steps "
-                     f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
-        out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
-            parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
-        last_step = done == cfg.steps or out_of_time
-        if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
-            if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
-                last = checkpoints(cfg.run_dir)
-                raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
-                                         f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
-                                         "e.g. with a lower lr)")
-            now = time.time()
-            rate = (done - step_last) / max(now - t_last, 1e-9)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            rec = {"step": done, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
-                   "lr": lr, "it_s": rate,
-                   "videos_s": rate * cfg.batch_size, "time": now}
-            if device.type == "cuda":
-                rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            t_last, step_last = now, done
-            records.append(rec)
-            if env.is_main:
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-        if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
-            save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done}, env)
-        if prof:
-            prof.step()
-        if out_of_time:
-            if env.is_main:
-                print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
-            break
-    if prof:
-        prof.stop()
+            done = step + 1
+            if done == start + 1 and device.type == "cpu":  # a GPU-sized config on a CPU: say what it will take
+                hours = (time.time() - t_start) * (cfg.steps - done) / 3600
+                if hours > 1:
+                    warn(f"on this CPU one step takes {time.time() - t_start:.0f} s: {cfg.steps - done} more steps "
+                         f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
+            out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
+                parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
+            last_step = done == cfg.steps or out_of_time
+            if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
+                if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
+                    last = checkpoints(cfg.run_dir)
+                    raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
+                                             f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
+                                             "e.g. with a lower lr)")
+                now = time.time()
+                rate = (done - step_last) / max(now - t_last, 1e-9)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                rec = {"step": done, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
+                       "lr": lr, "it_s": rate,
+                       "videos_s": rate * cfg.batch_size, "time": now}
+                if device.type == "cuda":
+                    rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                t_last, step_last = now, done
+                records.append(rec)
+                if env.is_main:
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
+                save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done}, env)
+            if prof:
+                prof.step()
+            if out_of_time:
+                if env.is_main:
+                    print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
+                break
     pbar.close()
     parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
     return records
 
 
 def step_profiler(cfg, start, env):
-    """None, or (cfg.profile > 0) a started torch.profiler that records the run's last cfg.profile steps, after
-    one warm-up step, and writes them to run_dir/trace-rank{R}.json; the loop calls .step() after each step."""
-    if not cfg.profile:
+    """None, or (cfg.profile > 0 and steps left to run) a torch.profiler that records the run's last cfg.profile
+    steps (each with its logging and any checkpoint it writes), after one warm-up step, and writes them to
+    run_dir/trace-rank{R}.json; the loop runs inside it and calls .step() after each step."""
+    active = min(cfg.profile, cfg.steps - start)
+    if active <= 0:
         return None
     from torch.profiler import ProfilerActivity, profile, schedule
-    skip = max(0, cfg.steps - start - cfg.profile)
+    skip = cfg.steps - start - active
     path = os.path.join(cfg.run_dir, f"trace-rank{env.rank}.json")
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else []),
-                   schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=cfg.profile, repeat=1),
+    if os.path.exists(path):  # an older run's trace is not this one's
+        os.remove(path)
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else []),
+                   schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=active, repeat=1),
                    on_trace_ready=lambda p: p.export_chrome_trace(path))
-    prof.start()
-    return prof
 
 
 def gradient_sync(net, on: bool):

@@ -290,3 +290,21 @@ def test_profile_traces_the_last_steps(tmp_path):
         events = json.load(f)["traceEvents"]
     assert sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")) == \
         ["ProfilerStep#2", "ProfilerStep#3"]
+
+
+def test_profile_longer_than_the_run_traces_the_steps_there_are(tmp_path):
+    """profile larger than the steps left traces those steps (no empty extra step), and a rerun of a finished
+    run leaves its trace alone; a negative profile is a config error."""
+    import json
+    cfg = cfg_for(tmp_path, "steps=2", "profile=5")
+    train.train(cfg)
+    path = os.path.join(cfg.run_dir, "trace-rank0.json")
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    assert sorted(e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")) == \
+        ["ProfilerStep#0", "ProfilerStep#1"]
+    before = os.path.getmtime(path)
+    train.train(cfg)  # nothing left to run
+    assert os.path.getmtime(path) == before
+    with pytest.raises(ValueError, match="profile >= 0"):
+        cfg_for(tmp_path, "profile=-1")
