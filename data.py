@@ -237,6 +237,14 @@ class SyntheticLatents(torch.utils.data.Dataset):
                 "text_mask": torch.ones(self.text_len, dtype=torch.bool)}
 
 
+def open_dataset(data: str, synthetic_shape, text_dim: int):
+    """A training config's `data` as a dataset: None for "shapes" (rendered on the fly), SyntheticLatents for
+    "synthetic", otherwise the ShardDataset of that folder."""
+    if data == "shapes":
+        return None
+    return SyntheticLatents(synthetic_shape, text_dim) if data == "synthetic" else ShardDataset(data)
+
+
 def collate(items):
     """List of ShardDataset items -> dict of stacked tensors (captions stay a list of str)."""
     return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]

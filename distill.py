@@ -38,7 +38,7 @@ import flow
 import parallel
 from attention import FULL, density, entry_num_ref, frame_mask, mask_label, save_plan, tile_attention
 from cli import UserError
-from data import ShardDataset, SyntheticLatents, collate, to_image, validation_prompts
+from data import collate, open_dataset, to_image, validation_prompts
 from model import load_model
 
 CALIBRATION_SEED = 10_000  # noise seeds of the stage-2 calibration samples: 10_000, 10_001, ...
@@ -167,8 +167,7 @@ def calibration_embeddings(cfg, model):
     if cfg.data == "shapes":
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
-    dataset = SyntheticLatents(cfg.synthetic_shape, model.cfg.text_dim) if cfg.data == "synthetic" else \
-        ShardDataset(cfg.data)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim)
     batch = collate([dataset[i % len(dataset)] for i in range(cfg.calib_prompts)])
     if "text_emb" not in batch:
         raise UserError(f"the shards in {cfg.data!r} have no text_emb, which this model reads (see data.py)")

@@ -37,7 +37,6 @@ class Dist:
     device: torch.device = torch.device("cpu")
     sp_size: int = 1
     sp_group: object = None  # this rank's sequence-parallel process group (None: no sequence parallelism)
-    mesh: DeviceMesh | None = None  # the (dp, sp) grid of ranks; None in a single process
 
     @property
     def is_main(self):
@@ -88,7 +87,7 @@ def setup(device: str | None = None, sp_size: int = 1) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     mesh = init_device_mesh(dev.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return Dist(rank, world, local, dev, sp_size, mesh.get_group("sp") if sp_size > 1 else None, mesh)
+    return Dist(rank, world, local, dev, sp_size, mesh.get_group("sp") if sp_size > 1 else None)
 
 
 def fully_shard_model(model, device, param_dtype=None):

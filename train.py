@@ -45,7 +45,7 @@ import flow
 import parallel
 from attention import load_plan
 from cli import UserError, check_output_path, entry_point, first_line, warn
-from data import VOCABULARY, ShardDataset, SyntheticLatents, collate, moving_shapes_batch
+from data import VOCABULARY, collate, moving_shapes_batch, open_dataset
 from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata, save_model
 
 
@@ -265,17 +265,23 @@ def sharded_state(model, ema, opt) -> dict:
             "optimizer": get_optimizer_state_dict(model, opt)}
 
 
-def load_sharded(path, model, ema, opt):
-    """Read a DCP checkpoint folder into model, ema and opt, resharded to this run's ranks."""
+def dcp_load(state: dict, path: str):
+    """dcp.load of a checkpoint folder into state (in place); a shard that does not read raises an OSError naming
+    the rank (DCP's CheckpointException is a BaseException, which `except Exception` lets through)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
-    state = sharded_state(model, ema, opt)
     try:
         dcp.load(state, checkpoint_id=path)
-    except CheckpointException as e:  # a BaseException (it passes `except Exception`): raised as an OSError
+    except CheckpointException as e:
         rank, (error, _) = next(iter(e.failures.items()))
         raise OSError(f"rank {rank}: {first_line(error)}") from None
+
+
+def load_sharded(path, model, ema, opt):
+    """Read a DCP checkpoint folder into model, ema and opt, resharded to this run's ranks."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state = sharded_state(model, ema, opt)
+    dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     set_model_state_dict(ema, state["ema"])
     set_optimizer_state_dict(model, opt, state["optimizer"])
@@ -312,9 +318,7 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
     another config stops the run with the differences."""
     found = checkpoints(cfg.run_dir)
     for path in reversed(found):
-        if not parallel.same_on_all_ranks(int(os.path.basename(path)[5:]), env.device):  # before any collective
-            raise UserError(f"the processes see different checkpoints in {cfg.run_dir!r}: is run_dir shared by "
-                            "every node?")
+        ranks_agree(int(os.path.basename(path)[5:]), cfg.run_dir, env)  # before any collective load
         try:
             state, weights, ema_weights, model_config = read_checkpoint(path)
             error = None
@@ -349,10 +353,14 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
     if broken:  # never start afresh (and cut the log to nothing) over checkpoints that did not load
         raise UserError(f"no checkpoint in {cfg.run_dir!r} loads ({', '.join(broken)} did not): move them away "
                         "to start afresh, or give another run_dir")
-    if not parallel.same_on_all_ranks(-1, env.device):  # meets the check above on a rank that found checkpoints
-        raise UserError(f"the processes see different checkpoints in {cfg.run_dir!r}: is run_dir shared by every "
-                        "node?")
+    ranks_agree(-1, cfg.run_dir, env)  # meets the check above on a rank that found checkpoints
     return 0, None
+
+
+def ranks_agree(step: int, run_dir: str, env):
+    """Stop every rank unless all of them are about to take the checkpoint of `step` (-1: none)."""
+    if not parallel.same_on_all_ranks(step, env.device):
+        raise UserError(f"the processes see different checkpoints in {run_dir!r}: is run_dir shared by every node?")
 
 
 def set_aside(path, error, run_dir, env):
@@ -399,16 +407,13 @@ def export(cfg: TrainConfig, out: str):
         raise UserError(f"--export: no checkpoint in {cfg.run_dir!r} (run_dir) to export; train this config first")
     check_output_path(out, {".safetensors"})
     if os.path.isdir(os.path.join(found[-1], "dcp")):  # fsdp: gather the EMA shards into one model
-        import torch.distributed.checkpoint as dcp
         meta = read_checkpoint(found[-1])[0]["meta"]
         model = DiT(ModelConfig(**meta["model_config"]))
         state = {"ema": model.state_dict()}
-        from torch.distributed.checkpoint.api import CheckpointException
         try:
-            dcp.load(state, checkpoint_id=os.path.join(found[-1], "dcp"))
-        except CheckpointException as e:  # a missing or corrupt shard
-            error = next(iter(e.failures.values()))[0]
-            raise UserError(f"--export: {found[-1]} does not load ({first_line(error)[:200]})") from None
+            dcp_load(state, os.path.join(found[-1], "dcp"))
+        except OSError as e:  # a missing or corrupt shard
+            raise UserError(f"--export: {found[-1]} does not load ({first_line(e)[:200]})") from None
         model.load_state_dict(state["ema"])
     else:
         model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
@@ -597,8 +602,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                             fused=device.type == "cuda" and not sharded)
 
     start, resumed = resume(cfg, model, ema, opt, env)
-    dataset = None if cfg.data == "shapes" else \
-        SyntheticLatents(cfg.synthetic_shape, model.cfg.text_dim) if cfg.data == "synthetic" else ShardDataset(cfg.data)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim)
     if dataset is not None:
         need = "caption" if model.text_encoder is not None else "text_emb"
         if need not in dataset[0]:

@@ -9,6 +9,7 @@ import distill
 import train
 from attention import FULL, load_plan
 from conftest import read_log, tiny_checkpoint
+from data import SyntheticLatents
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +135,7 @@ def test_search_on_an_embedding_model_calibrates_on_the_data_embeddings(tmp_path
                                                                                     "synthetic_shape=[3, 4, 16, 16]"])
     emb, mask = distill.calibration_embeddings(cfg, load_model(init)[0])
     assert emb.shape == (2, 300, 16) and mask.all()
-    assert torch.equal(emb[1], train.SyntheticLatents([3, 4, 16, 16], 16)[1]["text_emb"])
+    assert torch.equal(emb[1], SyntheticLatents([3, 4, 16, 16], 16)[1]["text_emb"])
     [record] = train.train(cfg)
     assert len(record["plan"]) == 2 and record["seconds"] > 0
     with pytest.raises(ValueError, match="precomputed text embeddings"):
