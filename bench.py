@@ -521,7 +521,7 @@ def bench_train(args):
         one = [x for x in rows if x["stage"] == r["stage"] and x["gpus"] == 1]
         r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
     print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
-          f"{args.batch} per GPU, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
+          f"{args.batch} per sequence-parallel group, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
           "the student's 6 x params x tokens + attention matmuls at the plan's density (bench.train_flops)")
     print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"]
                 + (["step_ms"] + SPLIT_COLS if args.profile else []))
