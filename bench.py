@@ -524,17 +524,32 @@ def bench_train(args):
           f"{args.batch} per sequence-parallel group, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
           "the student's 6 x params x tokens + attention matmuls at the plan's density (bench.train_flops)")
     print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"]
-                + (["step_ms"] + SPLIT_COLS if args.profile else []))
+                + (["step_ms"] + SPLIT_COLS + TIMELINE_COLS if args.profile else []))
     return rows
 
 
 PROFILED_STEPS = 2  # bench.py train --profile: traced after the timed steps
 
 
+def _covered(intervals) -> float:
+    """The length of the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
+
+
+TIMELINE_COLS = ["busy_ms", "exposed_comm_ms", "idle_ms"]  # trace_split's timeline keys
+
+
 def trace_split(path) -> dict:
-    """A train.py trace (profile: N) -> rank 0's mean step: wall ms, and GPU kernel ms by kind (comm,
-    attention, matmul, other; kernels on different streams overlap, so the kinds may add up to more than the
-    wall time). On a CPU only the wall time."""
+    """A train.py trace (profile: N) -> rank 0's mean step: wall ms; GPU kernel ms by kind (comm, attention,
+    matmul, other: kernels on different streams overlap, so the kinds may add up to more than the wall time);
+    and the step's timeline: busy (some kernel runs), exposed comm (only communication kernels run: NCCL
+    kernels also spin while they wait for another rank) and idle (no kernel runs: the GPU waits for the CPU).
+    wall = busy + idle. On a CPU only the wall time."""
     import re
     with open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -542,14 +557,20 @@ def trace_split(path) -> dict:
              and e.get("name", "").startswith("ProfilerStep#")]
     if not steps:
         raise ValueError(f"{path} holds no profiled step")
+    n, wall = len(steps), sum(steps) / len(steps) / 1e3
     kinds = dict.fromkeys(SPLIT_COLS, 0.0)
+    spans = {"comm": [], "compute": []}
     for e in events:
         if e.get("cat") == "kernel":
             kind = next((k for k, pattern in _KINDS if re.search(pattern, e["name"], re.IGNORECASE)), "other")
-            kinds[f"{kind}_ms"] += e["dur"] / 1e3 / len(steps)
-    cuda = torch.cuda.is_available()
-    return {"step_ms": fmt(sum(steps) / len(steps) / 1e3, 1),
-            **{k: fmt(v, 1) if cuda else "n/a (cpu)" for k, v in kinds.items()}}
+            kinds[f"{kind}_ms"] += e["dur"] / 1e3 / n
+            spans["comm" if kind == "comm" else "compute"].append((e["ts"], e["ts"] + e["dur"]))
+    if not torch.cuda.is_available():
+        return {"step_ms": fmt(wall, 1), **dict.fromkeys(SPLIT_COLS + TIMELINE_COLS, "n/a (cpu)")}
+    busy = _covered(spans["comm"] + spans["compute"]) / 1e3 / n
+    exposed = busy - _covered(spans["compute"]) / 1e3 / n
+    return {"step_ms": fmt(wall, 1), **{k: fmt(v, 1) for k, v in kinds.items()},
+            "busy_ms": fmt(busy, 1), "exposed_comm_ms": fmt(exposed, 1), "idle_ms": fmt(max(wall - busy, 0.0), 1)}
 
 
 @entry_point

@@ -599,7 +599,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         (decay if p.dim() >= 2 else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda" and not sharded)
+                            fused=device.type == "cuda")  # fused works on FSDP2 shards too
 
     start, resumed = resume(cfg, model, ema, opt, env)
     dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim)

@@ -3,6 +3,7 @@ plans it benchmarks."""
 import json
 
 import pytest
+import torch
 
 import attention
 import bench
@@ -74,3 +75,29 @@ def test_train_flops_counts_every_video_matmul_weight():
         6 * cfg.depth * weights * tokens + attn * density(T, 1))
     assert bench.train_flops(cfg, tokens, T, ["full"], True) == pytest.approx(
         4 / 3 * bench.train_flops(cfg, tokens, T, ["full"], False))
+
+
+def test_trace_split_timeline_against_a_rasterised_one(tmp_path, monkeypatch):
+    """busy / exposed comm / idle from interval unions equal a millisecond-by-millisecond count of a random
+    trace with overlapping kernels on two streams."""
+    g = torch.Generator().manual_seed(0)
+    kernels = []
+    for i in range(60):
+        ts, dur = torch.randint(0, 900, (2,), generator=g).tolist()
+        name = "ncclDevKernel_AllGather" if i % 3 == 0 else ("nvjet_gemm" if i % 3 == 1 else "elementwise")
+        kernels.append({"cat": "kernel", "name": name, "ts": ts, "dur": dur % 60 + 1})  # in ms here
+    steps = [{"cat": "user_annotation", "name": f"ProfilerStep#{i}", "ts": 500 * i, "dur": 500} for i in range(2)]
+    us = [{**e, "ts": 1000 * e["ts"], "dur": 1000 * e["dur"]} for e in steps + kernels]  # traces count in us
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": us}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    split = bench.trace_split(path)
+    comm, compute = torch.zeros(1000, dtype=torch.bool), torch.zeros(1000, dtype=torch.bool)
+    for k in kernels:
+        (comm if k["name"].startswith("nccl") else compute)[k["ts"]:k["ts"] + k["dur"]] = True
+    ms = lambda mask: mask.sum().item() / 2  # noqa: E731  (per step: two steps)
+    assert split["step_ms"] == 500
+    assert split["busy_ms"] == pytest.approx(ms(comm | compute)) and 0 < split["busy_ms"] < 500
+    assert split["exposed_comm_ms"] == pytest.approx(ms(comm & ~compute)) and split["exposed_comm_ms"] > 0
+    assert split["idle_ms"] == pytest.approx(500 - ms(comm | compute))
+    assert split["comm_ms"] == pytest.approx(sum(k["dur"] for k in kernels if k["name"].startswith("nccl")) / 2)
