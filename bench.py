@@ -549,7 +549,8 @@ def trace_split(path) -> dict:
     matmul, other: kernels on different streams overlap, so the kinds may add up to more than the wall time);
     and the step's timeline: busy (some kernel runs), exposed comm (only communication kernels run: NCCL
     kernels also spin while they wait for another rank) and idle (no kernel runs: the GPU waits for the CPU).
-    wall = busy + idle. On a CPU only the wall time."""
+    wall = busy + idle (idle is clamped at 0: a step's kernels can run past its CPU span). On a CPU only the
+    wall time."""
     import re
     with open(path) as f:
         events = json.load(f)["traceEvents"]
