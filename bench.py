@@ -223,10 +223,15 @@ _KINDS = [("comm", r"nccl|all_to_all|alltoall|gloo|c10d"),
 SPLIT_COLS = [f"{kind}_ms" for kind, _ in _KINDS] + ["other_ms"]  # profile_split's keys
 
 
+def kernel_kind(name: str) -> str:
+    """A kernel's (or CPU op's) kind by its name: comm, attention, matmul or other."""
+    import re
+    return next((k for k, pattern in _KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
 def profile_split(call):
     """One profiled call: its own device time (GPU kernels; CPU ops on a CPU) in ms, split into
     communication, attention, matmuls and the rest, by kernel / op name."""
-    import re
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     call()
@@ -239,8 +244,7 @@ def profile_split(call):
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
             continue  # an op or compiled region on the CPU side: its kernels are counted as kernels
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        kind = next((k for k, pattern in _KINDS if re.search(pattern, e.key, re.IGNORECASE)), "other")
-        split[f"{kind}_ms"] += us / 1e3
+        split[f"{kernel_kind(e.key)}_ms"] += us / 1e3
     return {k: fmt(v, 1) for k, v in split.items()}
 
 
@@ -491,9 +495,10 @@ def bench_train(args):
                              "calib_prompts=1", "calib_seeds=1", init[0]]
             launcher = [sys.executable] if n == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-            config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"stage{stage}.yaml")
-            r = subprocess.run(launcher + [os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-                                           config, *overrides], capture_output=True, text=True)
+            here = os.path.dirname(os.path.abspath(__file__))
+            config = os.path.join(here, "configs", f"stage{stage}.yaml")
+            r = subprocess.run(launcher + [os.path.join(here, "train.py"), config, *overrides],
+                               capture_output=True, text=True)
             if r.returncode:
                 print(f"stage {stage} on {n} GPU(s) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -551,7 +556,6 @@ def trace_split(path) -> dict:
     kernels also spin while they wait for another rank) and idle (no kernel runs: the GPU waits for the CPU).
     wall = busy + idle (idle is clamped at 0: a step's kernels can run past its CPU span). On a CPU only the
     wall time."""
-    import re
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     steps = [e["dur"] for e in events if e.get("cat") == "user_annotation"  # the GPU's copies are gpu_user_annotation
@@ -563,7 +567,7 @@ def trace_split(path) -> dict:
     spans = {"comm": [], "compute": []}
     for e in events:
         if e.get("cat") == "kernel":
-            kind = next((k for k, pattern in _KINDS if re.search(pattern, e["name"], re.IGNORECASE)), "other")
+            kind = kernel_kind(e["name"])
             kinds[f"{kind}_ms"] += e["dur"] / 1e3 / n
             spans["comm" if kind == "comm" else "compute"].append((e["ts"], e["ts"] + e["dur"]))
     if not torch.cuda.is_available():
