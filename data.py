@@ -237,12 +237,18 @@ class SyntheticLatents(torch.utils.data.Dataset):
                 "text_mask": torch.ones(self.text_len, dtype=torch.bool)}
 
 
-def open_dataset(data: str, synthetic_shape, text_dim: int):
-    """A training config's `data` as a dataset: None for "shapes" (rendered on the fly), SyntheticLatents for
-    "synthetic", otherwise the ShardDataset of that folder."""
+def open_dataset(data: str, synthetic_shape, text_dim: int, text_encoder: str):
+    """A training config's `data` as a dataset for a model with this text_encoder: None for "shapes" (rendered on
+    the fly), SyntheticLatents for "synthetic", otherwise the ShardDataset of that folder, checked to hold what
+    the model reads (captions for a byte-level encoder, text_emb otherwise)."""
     if data == "shapes":
         return None
-    return SyntheticLatents(synthetic_shape, text_dim) if data == "synthetic" else ShardDataset(data)
+    dataset = SyntheticLatents(synthetic_shape, text_dim) if data == "synthetic" else ShardDataset(data)
+    need = "caption" if text_encoder == "bytes" else "text_emb"
+    if need not in dataset[0]:
+        raise UserError(f"the shards in {data!r} have no {need!r}, which a model with text_encoder={text_encoder!r} "
+                        "reads (see data.py for the shard format)")
+    return dataset
 
 
 def collate(items):

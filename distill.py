@@ -167,10 +167,8 @@ def calibration_embeddings(cfg, model):
     if cfg.data == "shapes":
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
-    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
     batch = collate([dataset[i % len(dataset)] for i in range(cfg.calib_prompts)])
-    if "text_emb" not in batch:
-        raise UserError(f"the shards in {cfg.data!r} have no text_emb, which this model reads (see data.py)")
     return batch["text_emb"].float(), batch["text_mask"].bool()
 
 

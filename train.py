@@ -602,12 +602,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                             fused=device.type == "cuda")  # fused works on FSDP2 shards too
 
     start, resumed = resume(cfg, model, ema, opt, env)
-    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim)
-    if dataset is not None:
-        need = "caption" if model.text_encoder is not None else "text_emb"
-        if need not in dataset[0]:
-            raise UserError(f"the shards in {cfg.data!r} have no {need!r}, which a model with text_encoder="
-                            f"{model.cfg.text_encoder!r} reads (see data.py for the shard format)")
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
     meta = checkpoint_meta(cfg, shape, init_meta)
