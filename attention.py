@@ -173,6 +173,7 @@ def tile_mask_mod(num_frames: int, tokens_per_frame: int, num_ref: int, device=N
 # BlockMask from the frame structure
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached: made under sampling's inference mode, still usable in training
 def _tile_block_mask(T: int, S: int, k: int, device: str, block_size: tuple[int, int]) -> BlockMask:
     N = T * S
     tiles = frame_mask(T, k, device).float()  # [T, T]
@@ -299,7 +300,10 @@ def _frame_split_uncached(T: int, k: int, device) -> tuple:
     return torch.tensor(ref, device=device), torch.tensor(rest, device=device)
 
 
-_frame_split_cached = lru_cache(maxsize=64)(_frame_split_uncached)
+@lru_cache(maxsize=64)
+def _frame_split_cached(T: int, k: int, device: str) -> tuple:
+    with torch.inference_mode(False):  # made under sampling's inference mode, still usable in training
+        return _frame_split_uncached(T, k, device)
 
 
 def _with_reference_rows(q, k, v, num_frames: int, num_ref: int):

@@ -31,7 +31,11 @@ class ModelConfig:
     depth: int = 32
     heads: int = 24
     mlp_ratio: float = 4.0
-    qk_norm: bool = False
+    mlp_hidden: int = 0                 # > 0: the MLP's hidden width, overriding mlp_ratio (Wan's 8960 for 1536)
+    qk_norm: str = "none"               # RMSNorm of self-attention's q and k: "none", "head" (each head) or
+                                        # "across_heads" (one norm over all heads, as Wan)
+    cross_qk_norm: bool = False         # RMSNorm of cross-attention's q and k over all heads (Wan)
+    rope_float64: bool = False          # RoPE angles computed in float64, then cast (Wan); float32 otherwise
     max_frames: int = 0                 # > 0: add a learned absolute embedding per latent frame (up to this many)
     text_dim: int = 4096                # width of the text embeddings the model reads
     text_len: int = 512                 # max text tokens
@@ -47,6 +51,9 @@ class ModelConfig:
         if self.text_encoder not in ("none", "bytes"):
             raise UserError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
         self.attn_backend = {"tile": "gather", "flex": "auto"}.get(self.attn_backend, self.attn_backend)  # old names
+        self.qk_norm = {True: "head", False: "none"}.get(self.qk_norm, self.qk_norm)  # checkpoints saved a bool
+        if self.qk_norm not in QK_NORMS:
+            raise UserError(f"qk_norm {self.qk_norm!r}: use one of {', '.join(QK_NORMS)}")
         if self.attn_backend not in BACKENDS:
             raise UserError(f"attn_backend {self.attn_backend!r}: use one of {', '.join(BACKENDS)}")
         self.mask_plan = expand_plan(self.mask_plan, self.depth)
@@ -55,13 +62,26 @@ class ModelConfig:
     def head_dim(self):
         return self.hidden // self.heads
 
+    @property
+    def mlp_width(self):
+        return self.mlp_hidden or int(self.hidden * self.mlp_ratio)
 
+
+QK_NORMS = ("none", "head", "across_heads")
+# Wan 2.1 / 2.2 (diffusers' WanTransformer3DModel): umT5-XXL embeddings, 512 text tokens, q/k RMSNorm over all heads
+# in both attentions, 128-d heads, RoPE in float64; wan.py converts their diffusers folders to and from this model
+WAN = dict(in_channels=16, patch_size=(1, 2, 2), text_dim=4096, text_len=512, qk_norm="across_heads",
+           cross_qk_norm=True, rope_float64=True)
 PRESETS = {
     "tiny": dict(in_channels=3, patch_size=(1, 4, 4), hidden=64, depth=2, heads=2, max_frames=16,
-                 text_dim=64, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+                 text_dim=64, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm="head"),
     "demo": dict(in_channels=3, patch_size=(1, 4, 4), hidden=256, depth=8, heads=4, mlp_ratio=2.5, max_frames=16,
-                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm=True),
+                 text_dim=128, text_len=48, text_encoder="bytes", text_encoder_depth=1, qk_norm="head"),
     "osp12": dict(),  # the dataclass defaults are OSP-1.2: 32 x 2304 (24 heads x 96), patch 1x2x2, 4096-d text
+    "wan2.1-1.3b": dict(WAN, hidden=1536, depth=30, heads=12, mlp_hidden=8960),
+    "wan2.1-14b": dict(WAN, hidden=5120, depth=40, heads=40, mlp_hidden=13824),
+    "wan2.2-5b": dict(WAN, in_channels=48, hidden=3072, depth=30, heads=24, mlp_hidden=14336),
+    "wan-tiny": dict(WAN, hidden=64, depth=2, heads=4, mlp_hidden=96, text_dim=32),  # tests and the CPU
 }
 
 
@@ -94,20 +114,21 @@ def timestep_embedding(t, dim, max_period=10000):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_3d(grid, head_dim, device, theta=10000.0):
-    """cos, sin [N, head_dim/2] for tokens on a (T, H, W) grid, frame-major. The head dim is split over
-    the three axes (time gets the remainder), each axis rotating its own pairs of channels."""
+def rope_3d(grid, head_dim, device, theta=10000.0, dtype=torch.float32):
+    """cos, sin [N, head_dim/2] (float32) for tokens on a (T, H, W) grid, frame-major. The head dim is split over
+    the three axes (time gets the remainder), each axis rotating its own pairs of channels; the angles are
+    computed in `dtype` (Wan: float64)."""
     T, H, W = grid
     d_hw = (head_dim // 3) // 2 * 2
     dims = (head_dim - 2 * d_hw, d_hw, d_hw)
     pos = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in grid), indexing="ij"), -1)
-    pos = pos.reshape(-1, 3).float()  # [N, 3]
+    pos = pos.reshape(-1, 3).to(dtype)  # [N, 3]
     angles = []
     for axis, d in enumerate(dims):
-        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=device).float() / d)
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d)
         angles.append(pos[:, axis, None] * inv_freq[None])
     angles = torch.cat(angles, dim=-1)  # [N, head_dim/2]
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
@@ -117,32 +138,65 @@ def apply_rope(x, cos, sin):
     return out.type_as(x)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class Attend(nn.Module):
+    """The attention call of one self-attention layer, apart from its projections (diffusers' processors make the
+    same cut): the Ulysses exchange, RoPE, the layer's Attention Tile mask on the chosen backend, and the observer
+    that the mask search and layer-wise distillation attach. wan.TileAttnProcessor runs it inside a diffusers
+    model, so the two share every line of it."""
+
+    def __init__(self, backend: str = "auto"):
         super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.backend = cfg.attn_backend
+        self.backend = backend
         self.plan_entry = FULL  # this layer's mask: FULL or its number of reference frames (DiT.set_mask_plan)
         self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
 
-    def forward(self, x, rope, num_frames, sp_group=None):
-        qkv = rearrange(self.qkv(x), "b n (three h d) -> b n three h d", three=3, h=self.heads)
+    def attend(self, q, k, v, rope, num_frames, sp_group=None):
+        """q, k, v: [B, n, H, Dh], this rank's n tokens (all N without sequence parallelism) -> [B, n, H * Dh]."""
         N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
         if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
-            qkv = parallel.seq_to_heads(qkv, sp_group)[:, :N]
-        q, k, v = rearrange(qkv, "b n three h d -> three b h n d")
-        q, k = apply_rope(self.q_norm(q), *rope), apply_rope(self.k_norm(k), *rope)
+            q, k, v = parallel.seq_to_heads(torch.stack([q, k, v], 2), sp_group)[:, :N].unbind(2)
+        q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
         o = rearrange(o, "b h n d -> b n h d")
         if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
             o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % parallel.group_size(sp_group))), sp_group)
-        return self.proj(o.flatten(2))
+        return o.flatten(2)
+
+
+def qk_norm(kind: str, cfg: ModelConfig) -> nn.Module:
+    """RMSNorm of q or k ([B, n, hidden]): over each head ("head"), over all heads at once ("across_heads"), or none.
+    Both run before the Ulysses exchange, where every rank holds its tokens' heads whole."""
+    if kind == "across_heads":
+        return nn.RMSNorm(cfg.hidden, eps=1e-6)
+    return HeadRMSNorm(cfg.heads, cfg.head_dim) if kind == "head" else nn.Identity()
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__(head_dim, eps=1e-6)
+        self.heads = heads
+
+    def forward(self, x):
+        return super().forward(x.unflatten(-1, (self.heads, -1))).flatten(-2)
+
+
+class SelfAttention(Attend):
+    """q, k, v projections (one matmul) and q/k norms, then the attend step, then the output projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.attn_backend)
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.q_norm, self.k_norm = qk_norm(cfg.qk_norm, cfg), qk_norm(cfg.qk_norm, cfg)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x, rope, num_frames, sp_group=None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, n, hidden] each
+        q, k, v = (y.unflatten(-1, (self.heads, -1)) for y in (self.q_norm(q), self.k_norm(k), v))  # [B, n, H, Dh]
+        return self.proj(self.attend(q, k, v, rope, num_frames, sp_group))
 
 
 class CrossAttention(nn.Module):
@@ -151,11 +205,14 @@ class CrossAttention(nn.Module):
         self.heads = cfg.heads
         self.q = nn.Linear(cfg.hidden, cfg.hidden)
         self.kv = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        norm = "across_heads" if cfg.cross_qk_norm else "none"
+        self.q_norm, self.k_norm = qk_norm(norm, cfg), qk_norm(norm, cfg)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
     def forward(self, x, context, context_mask):
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        k, v = self.kv(context).chunk(2, dim=-1)
+        q = rearrange(self.q_norm(self.q(x)), "b n (h d) -> b h n d", h=self.heads)
+        k, v = (rearrange(y, "b l (h d) -> b h l d", h=self.heads) for y in (self.k_norm(k), v))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :])
         return self.proj(rearrange(o, "b h n d -> b n (h d)"))
 
@@ -169,8 +226,7 @@ class Block(nn.Module):
         self.norm_cross = nn.LayerNorm(D, eps=1e-6)
         self.cross = CrossAttention(cfg)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        hidden = int(D * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_width), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_width, D))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))  # adaLN-single: per-block offsets
 
     def forward(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
@@ -293,7 +349,9 @@ class DiT(nn.Module):
     def rope(self, grid, device):
         key = (grid, str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_3d(grid, self.cfg.head_dim, device)
+            dtype = torch.float64 if self.cfg.rope_float64 else torch.float32
+            with torch.inference_mode(False):  # cached: made while sampling, still usable in training
+                self._rope_cache[key] = rope_3d(grid, self.cfg.head_dim, device, dtype=dtype)
         return self._rope_cache[key]
 
     def forward(self, x, t, text, text_mask, encoded: bool = False):
@@ -358,9 +416,14 @@ def save_model(path: str, state_dict: dict, cfg: ModelConfig, meta: dict | None 
 
 
 def read_metadata(path: str) -> dict:
+    """A checkpoint's metadata (model_config, kind, sampler, ...), read from its header alone. path: one of our
+    .safetensors files, or a diffusers Wan transformer (or pipeline) folder (wan.py)."""
     from safetensors import safe_open
+    if os.path.isdir(path):
+        import wan
+        return wan.read_metadata(path)
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path!r}: give the path of a .safetensors file")
+        raise UserError(f"no checkpoint at {path!r}: give the path of a .safetensors file or a diffusers Wan folder")
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
@@ -372,22 +435,39 @@ def read_metadata(path: str) -> dict:
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32):
-    """-> (DiT in eval mode, metadata dict). The mask plan in the metadata's config is applied."""
+    """-> (DiT in eval mode, metadata dict). The mask plan in the metadata's config is applied. path: one of our
+    .safetensors checkpoints, or a diffusers Wan transformer (or pipeline) folder, converted on the way in (wan.py)."""
     from safetensors.torch import load_file
+    if os.path.isdir(path):
+        import wan
+        return wan.load_diffusers(path, device, dtype)
     meta = read_metadata(path)
-    model = DiT(ModelConfig(**meta["model_config"]))
     try:
         weights = load_file(path)
     except Exception as e:  # a truncated or corrupt file: the header can read fine while the tensors do not
         raise UserError(f"{path!r} is truncated or corrupt: {str(e).splitlines()[0]}") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    return model_from_weights(ModelConfig(**meta["model_config"]), weights, path, device, dtype), meta
+
+
+def model_from_weights(cfg: ModelConfig, weights: dict, where: str, device="cpu", dtype=torch.float32):
+    """A DiT of cfg holding exactly `weights` (our names): built on the meta device, so no memory or time goes to
+    a random init that the weights replace. A missing, extra or misshapen tensor is a one-line error."""
+    with torch.device("meta"):
+        model = DiT(cfg)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{path!r} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device=device, dtype=dtype).eval(), meta
+        raise UserError(f"{where!r} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    wrong = [f"{k} {tuple(weights[k].shape)} (the config needs {tuple(v.shape)})" for k, v in expected.items()
+             if weights[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{where!r} does not match its config: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
+    model.load_state_dict(weights, assign=True)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()  # the stored dtype (bf16) never leaks through
 
 
 if __name__ == "__main__":
     for name in PRESETS:
         with torch.device("meta"):
             m = DiT(model_config(name))
-        print(f"{name:6s} {num_params(m) / 1e6:9.2f} M parameters")
+        print(f"{name:12s} {num_params(m) / 1e6:9.2f} M parameters")

@@ -196,6 +196,19 @@ def group_total(x, group):
     return x + (total - x.detach())
 
 
+def mean_over_heads(x, group):
+    """x: a mean over this rank's H/P heads (after the Ulysses exchange) -> the mean over all H heads as the value,
+    backpropagating this rank's share (layer-wise distillation under sequence parallelism); x without a group."""
+    return x if group is None else group_total(x / group_size(group), group)
+
+
+def backward(loss, sp_size: int):
+    """loss.backward() for a rank of a sequence-parallel group of sp_size: each rank's gradients cover its own
+    tokens, so the sample's gradient is their sum over the group, while DDP and FSDP average over all ranks
+    (sp_size times too few): hence the factor."""
+    (loss * sp_size).backward()
+
+
 def cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()

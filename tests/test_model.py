@@ -95,6 +95,17 @@ def test_sparse_plan_trains_on_cpu():
     assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_a_model_trains_after_sampling_in_the_same_process():
+    """Sampling runs under inference_mode; what it caches on the way (RoPE tables, the sparse backends' frame
+    indices) must still serve a training step afterwards (stage 2 then stage 3 in one process)."""
+    import flow
+    m = tiny(mask_plan=[1])
+    flow.generate(m, ["a red circle moving left"], [3, 4, 16, 16], {"name": "euler", "steps": 1, "cfg": 1.0, "shift": 1.0})
+    x, t, ids, mask = inputs(m)
+    m.train()(x, t, ids, mask).square().mean().backward()
+    assert m.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_precomputed_text_embeddings():
     torch.manual_seed(0)
     m = DiT(model_config("tiny", text_encoder="none", text_dim=24)).eval()

@@ -1,5 +1,5 @@
 """Ulysses sequence parallelism against single-process runs: forward and gradients of the model with 2 and 3
-gloo processes (35 tokens, so both pad), torchrun sampling that writes the same frames as one process, and
+gloo processes (35 tokens, so both pad; and a Wan-shaped model, whose q/k norm spans every head), torchrun sampling that writes the same frames as one process, and
 torchrun training (stages 0 and 3) that logs the same losses and gradient norms as one process."""
 import os
 import socket
@@ -23,20 +23,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, plans):
+PRESETS = {"tiny": dict(hidden=48, heads=6), "wan-tiny": {}}  # wan-tiny: q/k RMSNorm across all 4 heads
+
+
+def _worker(rank, world, port, plans, preset="tiny"):
     sys.path.insert(0, ROOT)
     from model import DiT, model_config
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        m = DiT(model_config("tiny", hidden=48, heads=6))
+        m = DiT(model_config(preset, **PRESETS[preset]))
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.1)
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(2, 3, 5, 28, 4, generator=g)  # 5 frames of 7 x 1 tokens: 35, padded for 2 and 3
+        pt, ph, pw = m.cfg.patch_size  # 5 frames of 7 x 1 tokens: 35, padded for 2 and 3
+        x = torch.randn(2, m.cfg.in_channels, 5, 7 * ph, pw, generator=g)
         t = torch.rand(2, generator=g)
-        ids, mask = m.tokenize(["a red circle moving left", "a blue square"])
+        if m.text_encoder is not None:
+            ids, mask = m.tokenize(["a red circle moving left", "a blue square"])
+        else:
+            ids, mask = torch.randn(2, 5, m.cfg.text_dim, generator=g), torch.ones(2, 5, dtype=torch.bool)
         for plan in plans:
             m.set_mask_plan(plan)
             m.enable_sequence_parallel(None)
@@ -61,9 +68,9 @@ def _worker(rank, world, port, plans):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sequence_parallel_equals_single_process(world):
-    mp.spawn(_worker, args=(world, free_port(), [["full"], [1, 2]]), nprocs=world)
+@pytest.mark.parametrize("world, preset", [(2, "tiny"), (3, "tiny"), (2, "wan-tiny")])
+def test_sequence_parallel_equals_single_process(world, preset):
+    mp.spawn(_worker, args=(world, free_port(), [["full"], [1, 2]], preset), nprocs=world)
 
 
 def _heads_worker(rank, world, port):
