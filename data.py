@@ -14,7 +14,10 @@ Shard format: a folder of shard-00000.safetensors, shard-00001.safetensors, ... 
             text_emb  [n, L, D]         (optional, always together with text_mask)
             text_mask [n, L]            (bool or uint8)
   metadata  "captions": JSON list of n strings (optional)
-  All shards must hold the same keys with the same per-item shapes and dtypes.
+  All shards must hold the same keys with the same per-item shapes and dtypes. Beside them, null.safetensors
+  (optional, with text_emb) holds the empty caption's embedding: text_emb [L, D] and text_mask [L], the
+  unconditional input of caption dropout and guidance (without it: a single zero token). A pretrained text
+  encoder's empty caption is not zero: for Wan, write umT5's embedding of "" (wan.py's `embed`).
 
 Synthetic latents (`data: synthetic` in a training config): random latents and text embeddings at a real shape,
   for benchmarks with no dataset (SyntheticLatents).
@@ -189,11 +192,16 @@ def _signature(shard):
     return sorted((k, "list") if k == "captions" else (k, tuple(v.shape[1:]), str(v.dtype)) for k, v in shard.items())
 
 
+NULL_FILE = "null.safetensors"  # the empty caption's embedding, beside the shards
+
+
 class ShardDataset(torch.utils.data.Dataset):
-    """All *.safetensors shards of a folder (sorted by name), loaded eagerly into memory."""
+    """All *.safetensors shards of a folder (sorted by name), loaded eagerly into memory; `null_text`: the
+    (text_emb, text_mask) of its null.safetensors, or None."""
 
     def __init__(self, folder):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
+        paths = [p for p in paths if os.path.basename(p) != NULL_FILE]
         if not paths:
             raise UserError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
         shards = [_load_shard(p) for p in paths]
@@ -205,6 +213,7 @@ class ShardDataset(torch.utils.data.Dataset):
                 raise UserError(f"shard {p} in {folder!r} has fields of different lengths")
         self.data = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "captions"}
         self.captions = [c for s in shards for c in s["captions"]] if "captions" in shards[0] else None
+        self.null_text = read_null_text(os.path.join(folder, NULL_FILE), self.data.get("text_emb"))
 
     def __len__(self):
         return len(self.data["latents"])
@@ -219,10 +228,32 @@ class ShardDataset(torch.utils.data.Dataset):
         return item
 
 
+def read_null_text(path, text_emb=None):
+    """(text_emb [L, D], text_mask [L] bool) of a null.safetensors file, checked against the shards' text_emb
+    [n, L, D]; None where there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    from safetensors.torch import load_file
+    try:
+        null = load_file(path)
+    except Exception as e:  # noqa: BLE001 - truncated or not safetensors
+        raise UserError(f"{path!r} does not read as safetensors: {str(e).splitlines()[0]}") from None
+    if set(null) != {"text_emb", "text_mask"} or null["text_emb"].dim() != 2 or \
+            null["text_mask"].shape != null["text_emb"].shape[:1]:
+        raise UserError(f"{path!r} must hold text_emb [L, D] and text_mask [L] (the empty caption's embedding); "
+                        f"it holds {({k: tuple(v.shape) for k, v in null.items()})}")
+    if text_emb is not None and null["text_emb"].shape != text_emb.shape[1:]:
+        raise UserError(f"{path!r}: text_emb {tuple(null['text_emb'].shape)} does not match the shards' per-item "
+                        f"{tuple(text_emb.shape[1:])}")
+    return null["text_emb"], null["text_mask"].bool()
+
+
 class SyntheticLatents(torch.utils.data.Dataset):
     """Random latents [C, T, H, W] with random text embeddings [text_len, text_dim] (and a fixed caption), item i
     drawn from a generator seeded with i. SYNTHETIC: for measuring speed and memory at a real shape (OSP-1.2's
     latents by default) with no dataset; a model trained on it learns nothing."""
+
+    null_text = None
 
     def __init__(self, shape, text_dim: int, text_len: int = 300, size: int = 1 << 20):
         self.shape, self.text_dim, self.text_len, self.size = list(shape), text_dim, text_len, size
@@ -273,11 +304,28 @@ def to_uint8(video):
 
 
 def save_animation(frames, path: str, scale: int, duration_ms: int):
-    """uint8 [T, H, W, 3] -> an animated image file (GIF by the extension), frames enlarged by nearest neighbour."""
+    """uint8 [T, H, W, 3] -> a video file by the extension: .mp4 (H.264 through PyAV) or an animated image Pillow
+    writes (.gif, .webp, ...), frames enlarged by nearest neighbour."""
     from PIL import Image
     images = [to_image(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".mp4"):
+        save_mp4(images, path, round(1000 / duration_ms))
+        return
     images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+
+
+def save_mp4(images, path: str, fps: int):
+    """PIL images -> an H.264 MP4 (yuv420p, so an odd width or height loses its last pixel column or row)."""
+    import av
+    w, h = images[0].width // 2 * 2, images[0].height // 2 * 2
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "18"}
+        for image in images:
+            container.mux(stream.encode(av.VideoFrame.from_image(image.crop((0, 0, w, h)))))
+        container.mux(stream.encode())  # flush
 
 
 def from_uint8(frames):

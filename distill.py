@@ -163,13 +163,14 @@ def write_plan(path, rows, threshold, num_frames):
 
 def calibration_embeddings(cfg, model):
     """The calibration conditions of a model that reads precomputed text embeddings: those of the first
-    cfg.calib_prompts items of cfg.data (a shard folder, or `synthetic`). -> (text_emb, text_mask)"""
+    cfg.calib_prompts items of cfg.data (a shard folder, or `synthetic`). -> ((text_emb, text_mask), the data's
+    empty-caption embedding or None)"""
     if cfg.data == "shapes":
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
     dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
     batch = collate([dataset[i % len(dataset)] for i in range(cfg.calib_prompts)])
-    return batch["text_emb"].float(), batch["text_mask"].bool()
+    return (batch["text_emb"].float(), batch["text_mask"].bool()), dataset.null_text
 
 
 def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
@@ -182,13 +183,13 @@ def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     T = meta["video_shape"][1] // model.cfg.patch_size[0]
     candidates = sorted(cfg.candidates) or list(range(1, T))
     probe = AttentionProbe(candidates, model.cfg.depth, T)
-    prompts = validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1) if model.text_encoder is not None else \
-        calibration_embeddings(cfg, model)  # (evaluation's prompts use seed 0)
+    prompts, null = (validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1), None) \
+        if model.text_encoder is not None else calibration_embeddings(cfg, model)  # (evaluation's prompts: seed 0)
     sampler = flow.sampler_settings(meta)
     start = time.time()
     with probe.attached(model):
         for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not is_main):
-            flow.generate(model, prompts, meta["video_shape"], sampler, seed=CALIBRATION_SEED + seed)
+            flow.generate(model, prompts, meta["video_shape"], sampler, seed=CALIBRATION_SEED + seed, null=null)
     errors = probe.errors()
     cost = {"seconds": round(time.time() - start, 2)}  # the calibration's time (and peak memory on a GPU)
     if device.type == "cuda":
@@ -323,7 +324,5 @@ def kd_loss(v_student, v_teacher, attn_student, attn_teacher, w_out: float, w_at
             raise ValueError(f"layer-wise KD pairs layers one to one: the student recorded {len(attn_student)} "
                              f"attention outputs, the teacher {len(attn_teacher)}")
         layer = torch.stack([mean_squared_error(a, b) for a, b in zip(attn_student, attn_teacher, strict=True)]).mean()
-        if sp_group is not None:
-            layer = parallel.group_total(layer / parallel.group_size(sp_group), sp_group)
-        loss = loss + w_attn * layer
+        loss = loss + w_attn * parallel.mean_over_heads(layer, sp_group)
     return loss

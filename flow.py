@@ -79,11 +79,15 @@ def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:
     return s
 
 
-def null_text(model, n, like=None):
-    """The unconditional input of n samples: the empty caption, or (a model reading precomputed embeddings, `like`
-    one of them) a single zero token."""
+def null_text(model, n, like=None, null=None):
+    """The unconditional input of n samples: the empty caption; for a model reading precomputed embeddings (`like`
+    one of them), `null`, the empty caption's own embedding and mask ([L, D], [L]: a data folder's
+    null.safetensors, or a --negative-emb file), or else a single zero token."""
     if model.text_encoder is not None:
         return model.tokenize([""] * n)
+    if null is not None:
+        emb, mask = null
+        return emb.to(like).expand(n, -1, -1), mask.to(like.device, torch.bool).expand(n, -1)
     emb = torch.zeros_like(like)
     mask = torch.zeros(emb.shape[:2], dtype=torch.bool, device=emb.device)
     mask[:, 0] = True
@@ -91,11 +95,11 @@ def null_text(model, n, like=None):
 
 
 @torch.inference_mode()
-def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress=None):
+def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress=None, null=None):
     """-> videos [n, *video_shape] for the prompts (a list of strings, or for a model without a text encoder a
     pair of precomputed text embeddings [n, L, text_dim] and mask [n, L]) with a sampler from sampler_settings.
-    The noise depends only on the seed (drawn on the CPU); the empty caption is encoded only where guidance
-    needs it."""
+    The noise depends only on the seed (drawn on the CPU); the unconditional input (null_text, with `null` for an
+    embedding model) is encoded only where guidance needs it."""
     if isinstance(prompts, tuple):
         text, mask = prompts
     elif model.text_encoder is None:
@@ -107,6 +111,6 @@ def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress
     noise = torch.randn(len(text), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     cond = model.encode_text(text.to(device), mask.to(device))
     uncond = None if sampler["cfg"] == 1.0 else \
-        model.encode_text(*(x.to(device) for x in null_text(model, len(text), text)))
+        model.encode_text(*(x.to(device) for x in null_text(model, len(text), text, null)))
     return euler_sample(lambda x, t: cfg_velocity(model, x, t, cond, uncond, sampler["cfg"]),
                         noise, sampler["steps"], sampler["shift"], progress)

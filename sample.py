@@ -1,14 +1,21 @@
-"""Sample a video from a checkpoint and write it as an animated GIF.
+"""Sample a video from a checkpoint and write it as a GIF or MP4 (or, for latent models, its latents).
 
     python sample.py --prompt "a red circle moving right"            # the efficient model: 4 steps, sparse
     python sample.py --prompt "a cyan square moving up" --model base  # the base model: 50 guided steps
-    python sample.py --prompt "..." --model base --steps 20 --cfg 3 --seed 1 --out cyan.gif
+    python sample.py --prompt "..." --model base --steps 20 --cfg 3 --seed 1 --out cyan.mp4
     python sample.py --prompt "..." --checkpoint runs/stage0/ckpt-0012000/ema.safetensors
     torchrun --nproc_per_node 4 sample.py --prompt "..."     # sequence parallel over 4 processes
 
+    # Wan: prompts through the pipeline's umT5, video through its VAE (a diffusers Wan pipeline folder)
+    python sample.py --pipeline Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --out cat.mp4   # Wan itself
+    python sample.py --pipeline Wan2.1-T2V-1.3B-Diffusers --checkpoint runs/wan/student --prompt "..." --out a.mp4
+    python sample.py --checkpoint runs/wan/student --text-emb prompt.safetensors --out latents.safetensors
+
 The checkpoint's metadata says what it is and how it samples (sampler, steps, guidance, mask plan), so no
-flags are needed; --steps and --cfg override it. Leaves out: the latent decoder for real-data checkpoints
-(their output is latents, saved as .pt).
+flags are needed; --steps and --cfg override it. A model that reads precomputed text embeddings takes them from
+--pipeline (encoded here, and the video decoded) or from --text-emb files (`python wan.py embed` writes one), and
+without a pipeline writes latents [C, T, H, W] as safetensors. Leaves out: decoders other than a diffusers Wan
+pipeline's VAE.
 """
 import os
 import time
@@ -20,8 +27,8 @@ import flow
 import parallel
 from attention import describe_backend
 from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int, seed_int
-from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, save_animation, to_uint8,
-                  unknown_words)
+from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, read_null_text, save_animation,
+                  to_uint8, unknown_words)
 from model import load_model, read_metadata
 from parallel import check_heads
 
@@ -31,16 +38,17 @@ SHIPPED = {name: os.path.join(os.path.dirname(os.path.abspath(__file__)), "check
 
 
 def save_gif(video, path: str, scale: int = 8, fps: int = 8):
-    """video [3, T, H, W] in [-1, 1] -> animated GIF (or another animation format), enlarged by nearest neighbour."""
+    """video [3, T, H, W] in [-1, 1] -> animated GIF, MP4 or another format by the extension, enlarged by nearest
+    neighbour."""
     save_animation(to_uint8(video), path, scale, 1000 // fps)
 
 
 def image_extensions() -> set[str]:
-    """Animation formats Pillow can write here (.gif always; .png, .webp where built in)."""
+    """Video formats written here: .mp4 (PyAV), and the animations Pillow writes (.gif; .png, .webp where built in)."""
     from PIL import Image
     Image.init()
-    return {ext for ext, fmt in Image.registered_extensions().items()
-            if fmt in Image.SAVE_ALL and ext in (".gif", ".png", ".apng", ".webp")}
+    return {".mp4"} | {ext for ext, fmt in Image.registered_extensions().items()
+                       if fmt in Image.SAVE_ALL and ext in (".gif", ".png", ".apng", ".webp")}
 
 
 PROMPT_HELP = (f"the video's caption. The shipped models know the form '{CAPTION_FORM}' with colour in "
@@ -52,24 +60,43 @@ PROMPT_HELP = (f"the video's caption. The shipped models know the form '{CAPTION
 
 def parse_args(argv=None):
     p = ArgumentParser(description="Sample a video from a text prompt.")
-    p.add_argument("--prompt", required=True, help=PROMPT_HELP)
+    p.add_argument("--prompt", default=None, help=PROMPT_HELP)
     p.add_argument("--model", choices=list(SHIPPED), default="efficient",
                    help="a shipped checkpoint: efficient (stage 3: 4 steps, sparse attention), mlcd (stage 1: "
                         "4 steps), base (stage 0: 50 steps with guidance)")
-    p.add_argument("--checkpoint", default=None, help="any other checkpoint file (instead of --model)")
+    p.add_argument("--checkpoint", default=None, help="any other checkpoint: a .safetensors file, or a diffusers Wan "
+                                                      "transformer folder (default with --pipeline: its transformer)")
+    p.add_argument("--pipeline", default=None, help="a diffusers Wan pipeline folder: its umT5 encodes the prompt and "
+                                                    "its VAE decodes the video (for models reading text embeddings)")
+    p.add_argument("--negative-prompt", default="", help="with --pipeline: the guidance's unconditional prompt")
+    p.add_argument("--text-emb", default=None, help="instead of --prompt: a prompt's embedding (text_emb [L, D], "
+                                                    "text_mask [L] in safetensors; `python wan.py embed` writes one)")
+    p.add_argument("--negative-emb", default=None, help="with --text-emb: the unconditional embedding (default: the "
+                                                        "empty caption's zero token)")
+    p.add_argument("--frames", type=positive_int, default=None, help="with --pipeline: video frames (default: the "
+                                                                     "checkpoint's, e.g. Wan's 81)")
+    p.add_argument("--height", type=positive_int, default=None, help="with --pipeline: pixels (default: the checkpoint's)")
+    p.add_argument("--width", type=positive_int, default=None, help="with --pipeline: pixels (default: the checkpoint's)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--cfg", type=non_negative_float, default=None,
                    help="guidance scale, 1 = none (default: the checkpoint's)")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", default="sample.gif", help="output file: .gif (or another animation format Pillow "
-                                                       "writes, such as .webp); latents of real-data models: .pt")
+    p.add_argument("--out", default="sample.gif", help="output file: .gif or .mp4 (or another animation format Pillow "
+                                                       "writes, such as .webp); latents: .safetensors")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (GPU; pays off over "
                                                           "many steps or videos)")
     args = p.parse_args(argv)
-    args.checkpoint = args.checkpoint or SHIPPED[args.model]
-    if not args.prompt.strip():
+    if args.checkpoint is None:
+        args.checkpoint = os.path.join(args.pipeline, "transformer") if args.pipeline else SHIPPED[args.model]
+    if (args.prompt is None) == (args.text_emb is None):
+        p.error("give --prompt or --text-emb (one of them)")
+    if args.prompt is not None and not args.prompt.strip() and not args.pipeline:
         p.error("--prompt is empty")
+    if args.text_emb and args.pipeline:
+        p.error("--text-emb is for sampling without --pipeline (which encodes --prompt itself)")
+    if not args.pipeline and (args.frames or args.height or args.width):
+        p.error("--frames, --height and --width size the decoded video: they need --pipeline")
     return args
 
 
@@ -88,27 +115,77 @@ def prepare_prompt(prompt: str, meta: dict) -> str:
     return prompt
 
 
+def video_shape(meta: dict, args, pipe) -> list:
+    """The latents [C, T, H, W] to sample: the checkpoint's, or the pixels asked for through the pipeline's VAE
+    (Wan: T = (frames - 1) / 4 + 1, H = height / 8 or 16)."""
+    C, T, H, W = meta["video_shape"]
+    if pipe is None or not (args.frames or args.height or args.width):
+        return [C, T, H, W]
+    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    frames, height, width = args.frames or (T - 1) * st + 1, args.height or H * ss, args.width or W * ss
+    if (frames - 1) % st or height % ss or width % ss:
+        raise UserError(f"--frames must be {st} k + 1 and --height / --width multiples of {ss} for this VAE; "
+                        f"got {frames} x {height} x {width}")
+    return [C, (frames - 1) // st + 1, height // ss, width // ss]
+
+
+def text_inputs(args, meta, model, pipe, guided: bool):
+    """-> (the prompt as generate takes it, the unconditional embedding or None). Byte-encoder models take the
+    prompt as text; embedding models take it encoded by the pipeline or read from --text-emb."""
+    if model.text_encoder is not None:
+        return [prepare_prompt(args.prompt, meta)], None
+    if pipe is not None:
+        import wan
+        emb, mask = wan.encode_prompts(pipe, [args.prompt.strip(), args.negative_prompt], model.cfg.text_len)
+        return (emb[:1], mask[:1]), (emb[1], mask[1]) if guided else None
+    emb, mask = read_embedding(args.text_emb, model.cfg.text_dim, "--text-emb")
+    null = read_embedding(args.negative_emb, model.cfg.text_dim, "--negative-emb") if args.negative_emb else None
+    return (emb[None], mask[None]), null
+
+
+def read_embedding(path: str, text_dim: int, flag: str):
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path!r}: no such file")
+    emb, mask = read_null_text(path)
+    if emb.shape[-1] != text_dim:
+        raise UserError(f"{flag} {path!r}: embeddings of width {emb.shape[-1]}; this model reads {text_dim}")
+    return emb.float(), mask
+
+
 @entry_point
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     meta = read_metadata(args.checkpoint)  # cheap: everything below is checked before the model loads
-    prompt = prepare_prompt(args.prompt, meta)
+    embeds = meta["model_config"].get("text_encoder") != "bytes"
+    if not embeds:
+        if args.pipeline or args.text_emb:
+            raise UserError(f"{args.checkpoint!r} has its own byte-level text encoder: give --prompt, without "
+                            "--pipeline or --text-emb")
+        prepare_prompt(args.prompt, meta)
+    elif not (args.pipeline or args.text_emb):
+        raise UserError(f"{args.checkpoint!r} reads precomputed text embeddings: give --pipeline DIR (a diffusers "
+                        "Wan pipeline folder, to encode --prompt) or --text-emb FILE")
     if "video_shape" not in meta:
         raise UserError(f"{args.checkpoint!r} has no video_shape in its metadata: cannot size the noise")
-    if meta["model_config"].get("text_encoder") != "bytes":  # checked again by flow.generate, after loading
-        raise UserError(f"{args.checkpoint!r} reads precomputed text embeddings (text_encoder: none); sample.py "
-                        "prompts models with their own byte-level text encoder")
     sampler = flow.sampler_settings(meta, args.steps, args.cfg)
-    latents = meta["model_config"].get("in_channels") != 3
-    out = os.path.splitext(args.out)[0] + ".pt" if latents else args.out
-    check_output_path(out, None if latents else image_extensions())
+    latents = (meta["model_config"].get("in_channels") != 3 and not args.pipeline)
+    out = os.path.splitext(args.out)[0] + ".safetensors" if latents else args.out
+    check_output_path(out, {".safetensors"} if latents else image_extensions())
     world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun every process shares each video's tokens
     check_heads(meta["model_config"].get("heads", 1), world, "processes")
     try:
         env = parallel.setup(args.device, sp_size=world)
+        pipe = None
+        if args.pipeline:
+            import wan
+            pipe = wan.load_pipeline(args.pipeline, env.device, torch.bfloat16 if env.device.type == "cuda" else
+                                     torch.float32)
         model, meta = load_model(args.checkpoint, env.device)
-        model.tokenize([prompt])  # a prompt too long for the model fails here, before sampling
+        prompts, null = text_inputs(args, meta, model, pipe, sampler["cfg"] != 1.0)
+        if model.text_encoder is not None:
+            model.tokenize(prompts)  # a prompt too long for the model fails here, before sampling
+        shape = video_shape(meta, args, pipe)
         model.enable_sequence_parallel(env.sp_group)
         if args.compile and env.device.type == "cuda":
             model.compile_blocks()
@@ -116,16 +193,22 @@ def main(argv=None):
             print("attention: " + describe_backend(model.cfg.attn_backend, env.device, next(model.parameters()).dtype,
                                                   model.cfg.head_dim))
         bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if env.is_main else None
-        videos = flow.generate(model, [prompt], meta["video_shape"], sampler, args.seed, bar)
+        videos = flow.generate(model, prompts, shape, sampler, args.seed, bar, null=null)
+        if not torch.isfinite(videos).all():
+            raise UserError(f"the sample of {args.checkpoint!r} is not finite (nan or inf); nothing written. "
+                            "A checkpoint trained into nan, or a --cfg too large?")
+        if pipe is not None and env.is_main:
+            videos = wan.decode(pipe, videos)
     finally:
         parallel.cleanup()
-    if not torch.isfinite(videos).all():
-        raise UserError(f"the sample of {args.checkpoint!r} is not finite (nan or inf); nothing written. "
-                        "A checkpoint trained into nan, or a --cfg too large?")
     if not env.is_main:
         return
     if latents:
-        torch.save(videos[0].cpu(), out)
+        from safetensors.torch import save_file
+        save_file({"latents": videos[0].float().cpu().contiguous()}, out,
+                  metadata={"checkpoint": args.checkpoint, "seed": str(args.seed), "steps": str(sampler["steps"])})
+    elif pipe is not None:
+        save_gif(videos[0].float().cpu(), out, scale=1, fps=meta.get("fps", 16))
     else:
         save_gif(videos[0].float().cpu(), out)
     print(f"wrote {out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {sampler['steps']} steps, "

@@ -327,9 +327,11 @@ def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
         if parallel.any_rank(error is not None, env.device):  # every rank takes the same checkpoint
             set_aside(path, error, cfg.run_dir, env)
             continue
-        saved = {**asdict(TrainConfig()), **state["config"]}  # a key added since then has its default
+        # a key added since the checkpoint was written has its default (and an old value its current spelling)
+        saved = {**asdict(TrainConfig()), **state["config"]}
+        saved_model = config_dict(ModelConfig(**model_config))
         changed = differences(saved, asdict(cfg), RUN_KEYS) + differences(
-            model_config, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
+            saved_model, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
         if changed:
             raise UserError(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
                             f"run_dir, or the config it was started with")
@@ -401,11 +403,17 @@ def cut_log(path: str, step: int):
 
 
 def export(cfg: TrainConfig, out: str):
-    """The newest checkpoint's EMA weights in bf16, for shipping."""
+    """The newest checkpoint's EMA weights in bf16, for shipping: one safetensors file (OUT.safetensors), or for a
+    Wan-shaped model any other OUT: a diffusers folder (wan.save_diffusers) that WanTransformer3DModel loads."""
     found = checkpoints(cfg.run_dir)
     if not found:
         raise UserError(f"--export: no checkpoint in {cfg.run_dir!r} (run_dir) to export; train this config first")
-    check_output_path(out, {".safetensors"})
+    diffusers = not out.endswith(".safetensors")
+    if diffusers:
+        import wan
+        wan.check_export_folder(out)
+    else:
+        check_output_path(out, {".safetensors"})
     if os.path.isdir(os.path.join(found[-1], "dcp")):  # fsdp: gather the EMA shards into one model
         meta = read_checkpoint(found[-1])[0]["meta"]
         model = DiT(ModelConfig(**meta["model_config"]))
@@ -417,9 +425,13 @@ def export(cfg: TrainConfig, out: str):
         model.load_state_dict(state["ema"])
     else:
         model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
+    meta = {k: v for k, v in meta.items() if k != "model_config"}
+    if diffusers:
+        wan.save_diffusers(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
+        print(f"exported {found[-1]} (EMA, bf16) -> {out}/ (diffusers {wan.CLASS})")
+        return
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_model(out, model.state_dict(), model.cfg, {k: v for k, v in meta.items() if k != "model_config"},
-               dtype=torch.bfloat16)
+    save_model(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
     print(f"exported {found[-1]} (EMA, bf16) -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
 
 
@@ -455,7 +467,7 @@ def get_batch(cfg, model, dataset, step, first, n, device):
         text, mask = model.tokenize(batch["caption"])
     else:
         text, mask = batch["text_emb"].float(), batch["text_mask"].bool()
-    null, null_mask = flow.null_text(model, n, text)
+    null, null_mask = flow.null_text(model, n, text, getattr(dataset, "null_text", None))
     drop = batch["drop"]
     text = torch.where(drop.view(-1, *[1] * (text.dim() - 1)), null, text)
     mask = torch.where(drop[:, None], null_mask, mask)
@@ -513,8 +525,9 @@ def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
     return loss
 
 
-def make_objective(cfg, model, net, ema, env, compile_: bool):
-    """-> loss(x0, text, mask, t, eps) for the configured stage, with what that stage needs loaded once."""
+def make_objective(cfg, model, net, ema, env, compile_: bool, null=None):
+    """-> loss(x0, text, mask, t, eps) for the configured stage, with what that stage needs loaded once. null: the
+    data's empty-caption embedding (stage 1's guidance), if it has one."""
     if cfg.stage == 0:
         return lambda x0, text, mask, t, eps: stage0_loss(net, x0, text, mask, t, eps)
     device = env.device
@@ -533,7 +546,7 @@ def make_objective(cfg, model, net, ema, env, compile_: bool):
         n = x0.shape[0]
         if n not in uncond:
             with torch.no_grad():
-                uncond[n] = teacher.encode_text(*(x.to(device) for x in flow.null_text(model, n, text)))
+                uncond[n] = teacher.encode_text(*(x.to(device) for x in flow.null_text(model, n, text, null)))
         return stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond[n])
     return loss
 
@@ -546,6 +559,8 @@ def checkpoint_meta(cfg, video_shape, init_meta):
     elif cfg.stage == 3:
         sampler = init_meta["sampler"]
     meta = {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
+    if "fps" in init_meta:  # a pretrained video model's frame rate (Wan), for sample.py
+        meta["fps"] = init_meta["fps"]
     if cfg.data == "shapes":  # sample.py checks prompts against it
         meta["vocabulary"] = VOCABULARY
     return meta
@@ -611,7 +626,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if env.world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    objective = make_objective(cfg, model, net, ema, env, compile_)
+    objective = make_objective(cfg, model, net, ema, env, compile_, getattr(dataset, "null_text", None))
 
     log_path = os.path.join(cfg.run_dir, "log.jsonl")
     if env.is_main:
@@ -647,9 +662,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 with autocast, gradient_sync(net, last):
                     part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * \
                         (len(t[part]) / local_bs)
-                    # each rank's gradients cover its own tokens: their sum over an SP group is the sample's gradient,
-                    # and DDP and FSDP average over all ranks, hence the factor sp_size
-                    (part_loss * env.sp_size).backward()
+                    parallel.backward(part_loss, env.sp_size)
                 loss = loss + part_loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
             opt.step()
@@ -727,7 +740,7 @@ def gradient_sync(net, on: bool):
     return nullcontext()
 
 
-USAGE = "usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors]"
+USAGE = "usage: python train.py CONFIG.yaml [key=value ...] [--export OUT.safetensors | --export OUT_FOLDER]"
 
 
 @entry_point

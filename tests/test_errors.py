@@ -25,7 +25,7 @@ def cases(tmp):
     py = lambda name: os.path.join(ROOT, name)
     out = [
         ([py("sample.py"), "--prompt", "a red circle moving right", "--cfg", "nan"], "--cfg"),
-        ([py("sample.py"), "--prompt", "a red circle moving right", "--out", "v.mp4"], "v.mp4"),
+        ([py("sample.py"), "--prompt", "a red circle moving right", "--out", "v.txt"], "v.txt"),
         ([py("sample.py"), "--prompt", "a red circle moving right", "--out", "afile/v.gif"], "afile"),
         ([py("sample.py"), "--prompt", "a purple hexagon flying"], "'purple', 'hexagon', 'flying'"),
         ([py("sample.py"), "--prompt", " ".join(["a red circle moving right"] * 3)], "bytes"),

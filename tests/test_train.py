@@ -210,6 +210,31 @@ def test_resume_under_another_config_stops_with_the_differences(tmp_path):
     assert [r["step"] for r in records] == [4]
 
 
+def test_a_checkpoint_from_before_the_wan_model_keys_resumes(tmp_path):
+    """A run saved before ModelConfig had mlp_hidden, cross_qk_norm and rope_float64, and when qk_norm was a bool
+    (what its checkpoints' metadata holds), resumes: the saved model config is read with today's defaults and
+    spellings, so the new keys do not read as a changed config."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    cfg = cfg_for(tmp_path, "steps=2")
+    train.train(cfg)
+    ckpt = train.checkpoints(cfg.run_dir)[-1]
+    for name in ("model.safetensors", "ema.safetensors"):
+        path = os.path.join(ckpt, name)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        old = json.loads(meta["model_config"])
+        for key in ("mlp_hidden", "cross_qk_norm", "rope_float64"):
+            del old[key]
+        old["qk_norm"] = True
+        save_file(load_file(path), path, metadata={**meta, "model_config": json.dumps(old)})
+    records = train.train(cfg_for(tmp_path, "steps=3"))
+    assert [r["step"] for r in records] == [3]
+    with pytest.raises(ValueError, match="model depth: 2 -> 3"):  # a real change still stops the run
+        train.train(cfg_for(tmp_path, "steps=4", "model_args.depth=3"))
+
+
 def test_micro_batches_give_the_same_step(tmp_path):
     """Gradient accumulation over micro-batches is the same step as the whole batch at once."""
     whole = train.train(cfg_for(tmp_path / "a", "steps=2", "micro_batch=4"))
