@@ -17,6 +17,7 @@ Each mode prints a table and can write JSON. Timings are medians over repeats af
 CUDA events on GPU; speedups are ratios within one process on one card (train: read back from train.py's log).
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
+from cli import ArgumentParser, UserError, check_output_path, entry_point, first_line, positive_int
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
                        save_plan, tile_attention, tile_block_mask, tile_dense_mask)
 
@@ -162,26 +163,45 @@ def bench_attention(args):
     return rows
 
 
-def osp_config(tiny: bool, depth: int | None = None):
-    """The osp12 config (or a tiny stand-in of its shape), optionally cut to `depth` layers."""
+def bench_config(tiny: bool, depth: int | None = None, preset: str = "osp12"):
+    """The preset's config (or a tiny stand-in of its shape), optionally cut to `depth` layers."""
     from model import model_config
-    cfg = model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32) if tiny else model_config("osp12")
+    if tiny:
+        cfg = model_config("wan-tiny") if preset.startswith("wan") else \
+            model_config("osp12", depth=2, hidden=64, heads=4, text_dim=32)
+    else:
+        cfg = model_config(preset)
     if depth:
         cfg.depth, cfg.mask_plan = depth, cfg.mask_plan[:1] * depth
     return cfg
 
 
-def osp_model(args, dev, dtype, latent_frames):
-    """The osp12 model (or a tiny stand-in) with random weights, and one input at 720p."""
+def latent_shape(args, cfg) -> list:
+    """The latents [C, T, H, W] a mode runs at: OSP-1.2's 720p at --frames latent frames (8 = 29 frames), or a Wan
+    preset's own video (wan.VIDEO_SHAPES: 81 frames at 480p / 720p), with --frames / --hw overriding."""
+    import wan
+    if args.tiny:
+        return [cfg.in_channels, 4, 8, 8]
+    C, T, H, W = wan.VIDEO_SHAPES.get(args.model, [cfg.in_channels, 8, 90, 160])
+    H, W = args.hw or (H, W)
+    return [C, args.frames or T, H, W]
+
+
+def bench_model_inputs(args, dev, dtype):
+    """The --model (or a tiny stand-in) with random weights (small noise on every weight, so that zero-initialised
+    output layers do not hide a difference), and one input at its latent_shape with random text embeddings."""
     from model import DiT
-    cfg = osp_config(args.tiny, args.depth)
-    latent, text_len = ((4, 4, 8, 8), 8) if args.tiny else ((4, latent_frames, 90, 160), 300)
+    cfg = bench_config(args.tiny, args.depth, args.model)
+    text_len = 8 if args.tiny else 512 if args.model.startswith("wan") else 300
     cfg.attn_backend = args.backend[0]
     torch.manual_seed(0)
     with torch.device(dev):
         model = DiT(cfg).to(dtype).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.02)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *latent, generator=g).to(dev, dtype)
+    x = torch.randn(1, *latent_shape(args, cfg), generator=g).to(dev, dtype)
     text = torch.randn(1, text_len, cfg.text_dim, generator=g).to(dev, dtype)
     mask = torch.ones(1, text_len, dtype=torch.bool, device=dev)
     return model, x, text, mask
@@ -260,14 +280,64 @@ def kernel_line(model, backend, args) -> str:
     return attention.describe_backend(backend, p.device, dtype, model.cfg.head_dim, getattr(args, "backward", False))
 
 
+def diffusers_wan(model):
+    """diffusers' own WanTransformer3DModel holding `model`'s weights (wan.to_diffusers), in the dtypes its
+    from_pretrained gives: the modules it keeps in fp32 (_keep_in_fp32_modules) in fp32, the rest as `model`."""
+    import wan
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+    conf = {k: v for k, v in wan.diffusers_config(model.cfg).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        d = WanTransformer3DModel(**conf)
+    d.load_state_dict(wan.to_diffusers(model.state_dict(), model.cfg), assign=True)
+    with torch.device(model.out.weight.device):  # its RoPE tables are buffers, not in the state dict
+        d.rope = WanRotaryPosEmbed(conf["attention_head_dim"], conf["patch_size"], conf["rope_max_seq_len"])
+    for name, p in d.named_parameters():
+        if set(name.split(".")) & set(d._keep_in_fp32_modules):
+            p.data = p.data.float()
+    return d.eval()
+
+
+def bench_diffusers(model, x, text, args) -> tuple[list, torch.Tensor]:
+    """Rows for diffusers' forward with the same weights and input, eager (its default attention) and with its
+    regional compile (compile_repeated_blocks), and its eager output."""
+    d = diffusers_wan(model)
+    t = torch.full((x.shape[0],), 0.5, device=x.device)
+
+    def call():
+        with torch.no_grad():
+            return d(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    reference = call()
+    rows = []
+    for how in ("eager", "compile_repeated_blocks"):
+        if how != "eager":
+            torch._dynamo.reset()
+            d.compile_repeated_blocks(fullgraph=True)
+        try:
+            ms = timeit(call, warmup=2, repeat=args.repeat)
+        except Exception as e:  # noqa: BLE001 - a compile failure is a result to report, not a reason to stop
+            print(f"diffusers {how} failed: {first_line(e)[:200]}", file=sys.stderr)
+            rows.append({"plan": "full", "sparsity%": 0.0, "ms": float("nan"), "backend": f"diffusers {how} (failed)"})
+            continue
+        split = profile_split(call)
+        rows.append({"plan": "full", "sparsity%": 0.0, "ms": fmt(ms, 1), "backend": f"diffusers {how}",
+                     "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                     "compiled": how != "eager", **(split if args.profile else {})})
+    del d
+    torch._dynamo.reset()
+    return rows, reference
+
+
 def bench_model(args):
-    """The osp12 forward (or, with --backward, forward + backward) under full attention and plans of ~45% /
-    ~55% sparsity, on each --backend; the share of device time in attention kernels comes from profile_split."""
+    """The --model forward (or, with --backward, forward + backward) under full attention and plans of ~45% /
+    ~55% sparsity (--sparsity), on each --backend; the share of device time in attention kernels comes from
+    profile_split. With --diffusers (a Wan preset), diffusers' own forward with the same weights first, eager and
+    compiled, and the difference of our full-attention output from its eager one."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" and not args.backward else torch.float32
-    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    model, x, text, mask = bench_model_inputs(args, dev, dtype)
     T = x.shape[2] // model.cfg.patch_size[0]
-    rows = []
+    rows, reference = bench_diffusers(model, x, text, args) if args.diffusers else ([], None)
     for backend in args.backend:
         set_backend(model, backend)
         print(f"attention ({backend}): {kernel_line(model, backend, args)}")
@@ -277,17 +347,25 @@ def bench_model(args):
             torch._dynamo.reset()
             ms = forward_ms(model, x, text, mask, args)
             split = profile_split(model_call(model, x, text, mask, args))
-            rows.append({"model": "osp12" if not args.tiny else "tiny-osp", "layers": model.cfg.depth,
-                         "frames": f"{x.shape[2]} latent", "plan": name, "sparsity%": fmt(100 * sparsity, 1),
-                         "ms": fmt(ms, 1), "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+            rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
+                         "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
                          "compiled": args.compile, "backend": backend, **(split if args.profile else {})})
             rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
+            if reference is not None and plan == ["full"]:
+                out = model_call(model, x, text, mask, args)().float()
+                rows[-1]["max_diff_vs_diffusers"] = fmt((out - reference.float()).abs().max().item(), 4)
+                rows[-1]["rel_l2_vs_diffusers"] = fmt(((out - reference).norm() / reference.float().norm()).item(), 5)
     for r in rows:
-        r["speedup"] = fmt(rows[0]["ms"] / r["ms"])  # against the first backend's full attention
+        r.update({"model": args.model if not args.tiny else f"tiny {args.model}", "layers": model.cfg.depth,
+                  "latents": "x".join(map(str, x.shape[1:])), "tokens": x[0, 0].numel() // math.prod(model.cfg.patch_size)})
+        r["speedup"] = fmt(rows[0]["ms"] / r["ms"])  # against the first row: diffusers eager, or full attention
+        if args.diffusers:
+            r["vs_diffusers_compiled"] = fmt(rows[1]["ms"] / r["ms"])
     split = SPLIT_COLS if args.profile else []
     print(f"ms per {'forward + backward' if args.backward else 'forward'}; speedup against the first row")
-    print_table(rows, ["model", "layers", "frames", "plan", "sparsity%", "ms", "attention%", "speedup",
-                       "vs_full_same_backend", "compiled", "backend"] + split)
+    print_table(rows, ["model", "layers", "latents", "tokens", "plan", "sparsity%", "ms", "attention%", "speedup"]
+                + (["vs_diffusers_compiled", "max_diff_vs_diffusers", "rel_l2_vs_diffusers"] if args.diffusers else [])
+                + ["vs_full_same_backend", "compiled", "backend"] + split)
     return rows
 
 
@@ -320,25 +398,26 @@ def bench_e2e(args):
     the base recipe (full attention, on the first --backend), then the student recipes on every --backend."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    model, x, text, mask = bench_model_inputs(args, dev, dtype)
     T = x.shape[2] // model.cfg.patch_size[0]
     plans = model_plans(T, model.cfg.depth, args.sparsity)
     recipes = [("base", args.base_steps, True, "full", args.backend[0])] + [
         ("student", args.student_steps, False, p, b) for b in args.backend for p in plans]
-    rows = []
+    rows, seconds = [], []  # seconds unrounded: a tiny CPU run's s/video rounds to 0.00
     for name, steps, cfg, plan_name, backend in recipes:
         set_backend(model, backend)
         model.set_mask_plan(plans[plan_name][0])
         torch._dynamo.reset()
         ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
         rows.append({"recipe": name, "steps": steps, "cfg": cfg, "plan": plan_name, "backend": backend,
-                     "s/video": fmt(steps * ms / 1e3, 2)})
+                     "s/video": fmt(steps * ms / 1e3, 4)})
+        seconds.append(steps * ms / 1e3)
         if not cfg:  # the student's whole sampling loop, timed as it runs, and checked for host syncs
             loop = sampling_loop(model.compile_blocks() if args.compile else model, x, text, mask, steps)
             rows[-1]["loop_s"] = fmt(timeit(loop, warmup=1, repeat=max(1, args.repeat // 2)) / 1e3, 2)
             rows[-1]["host_sync"] = host_syncs(loop)
-    for r in rows:
-        r["speedup"] = fmt(rows[0]["s/video"] / r["s/video"])
+    for r, s in zip(rows, seconds):
+        r["speedup"] = fmt(seconds[0] / s)
     print_table(rows, ["recipe", "steps", "cfg", "plan", "backend", "s/video", "speedup", "loop_s", "host_sync"])
     print("paper (OSP-1.2, 29f 720p): MLCD 5.00x, + r=0.1 7.05x, + r=0.4 7.80x")
     return rows
@@ -392,7 +471,8 @@ def bench_sp(args):
         for n in args.gpus:
             out = f"/tmp/bench_sp_{os.getpid()}_{n}.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "sp",
-                   "--frames", str(args.frames), "--json", out, "--repeat", str(args.repeat), "--backend", args.backend[0]]
+                   "--model", args.model, "--json", out, "--repeat", str(args.repeat), "--backend", args.backend[0]]
+            cmd += (["--frames", str(args.frames)] if args.frames else []) + (["--hw", *map(str, args.hw)] if args.hw else [])
             cmd += [flag for flag, on in (("--tiny", args.tiny), ("--compile", args.compile),
                                           ("--profile", args.profile)) if on]
             cmd += ["--depth", str(args.depth)] if args.depth else []
@@ -410,7 +490,7 @@ def bench_sp(args):
     env = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
     dev, dtype = env.device, torch.bfloat16 if env.device.type == "cuda" else torch.float32
     torch.cuda.set_device(dev) if dev.type == "cuda" else None
-    model, x, text, mask = osp_model(args, dev, dtype, args.frames)
+    model, x, text, mask = bench_model_inputs(args, dev, dtype)
     model.enable_sequence_parallel(env.sp_group)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows = []
@@ -446,7 +526,7 @@ def train_flops(cfg, tokens: int, num_frames: int, plan, checkpointing: bool) ->
     teacher's and the EMA target's forwards (stages 1 and 3), norms, RoPE and the text side."""
     from attention import expand_plan
     D, L = cfg.hidden, cfg.depth
-    per_block = 3 * D * D + D * D + 2 * D * D + 2 * cfg.mlp_ratio * D * D  # qkv, proj, cross q + proj, MLP
+    per_block = 3 * D * D + D * D + 2 * D * D + 2 * cfg.mlp_width * D  # qkv, proj, cross q + proj, MLP
     matmuls = 6 * L * per_block * tokens
     dens = sum(density(num_frames, entry_num_ref(e, num_frames)) for e in expand_plan(plan, L)) / L
     attention_flops = 3 * 4 * tokens * tokens * D * L * dens
@@ -460,15 +540,19 @@ def bench_train(args):
     one synthetic prompt and seed, its seconds per probed sampling step and peak GiB."""
     import subprocess
     import tempfile
-    from model import DiT, save_model
-    cfg = osp_config(args.tiny, args.depth)
-    shape = [4, 4, 8, 8] if args.tiny else [4, args.frames, 90, 160]
-    T, tokens = shape[1], shape[1] * shape[2] // 2 * shape[3] // 2
+    from dataclasses import fields
+    from model import DiT, model_config, save_model
+    cfg = bench_config(args.tiny, args.depth, args.model)
+    shape = latent_shape(args, cfg)
+    T, tokens = shape[1], math.prod(n // p for n, p in zip(shape[1:], cfg.patch_size))
     work = tempfile.mkdtemp(prefix="bench_train_")
     plan, sparsity = plan_for_sparsity(T, cfg.depth, args.sparsity[-1]) if args.sparsity else (["full"], 0.0)  # stage 3
     plan_file = os.path.join(work, "plan.yaml")
     save_plan(plan_file, plan, T)
-    model_args = {k: getattr(cfg, k) for k in ("depth", "hidden", "heads", "text_dim")}
+    preset = ("wan-tiny" if args.model.startswith("wan") else "osp12") if args.tiny else args.model
+    base = model_config(preset)
+    model_args = {f.name: getattr(cfg, f.name) for f in fields(cfg)  # what differs from the preset (a cut depth)
+                  if f.name not in ("mask_plan", "attn_backend") and getattr(cfg, f.name) != getattr(base, f.name)}
     rows = []
     for stage in args.stages:
         init = []
@@ -484,7 +568,7 @@ def bench_train(args):
             run_dir = os.path.join(work, f"stage{stage}-{n}")
             sp = min(args.sp, n)
             samples = n // sp * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
-            overrides = [f"run_dir={run_dir}", "model=osp12", f"model_args={json.dumps(model_args)}", "data=synthetic",
+            overrides = [f"run_dir={run_dir}", f"model={preset}", f"model_args={json.dumps(model_args)}", "data=synthetic",
                          f"synthetic_shape={json.dumps(shape)}", f"batch_size={samples}", f"sp_size={sp}",
                          f"steps={args.repeat + 2 + PROFILED_STEPS * args.profile}", "log_every=1", "save=false",
                          "warmup=1", f"profile={PROFILED_STEPS * args.profile}",
@@ -583,7 +667,14 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["attention", "model", "e2e", "sp", "plans", "train"])
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run that works on CPU")
-    p.add_argument("--frames", type=positive_int, default=8, help="latent frames for model/e2e/sp (8 = 29f, 24 = 93f)")
+    p.add_argument("--model", default="osp12", choices=["osp12", "wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b"],
+                   help="model/e2e/sp/train: the preset, with random weights")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="latent frames for model/e2e/sp/train (osp12: 8 = 29f (default), 24 = 93f; Wan: 21 = 81f)")
+    p.add_argument("--hw", type=positive_int, nargs=2, default=None,
+                   help="latent height and width (default: osp12 90 160 = 720p; Wan: the preset's video)")
+    p.add_argument("--diffusers", action="store_true",
+                   help="model, Wan presets: diffusers' own forward too (eager and compiled), and the difference")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (model/e2e/sp)")
     p.add_argument("--profile", action="store_true",
                    help="attention, model, sp, train: split one call's (train: step's) device time by kind")
@@ -613,7 +704,7 @@ def main(argv=None):
     if args.mode == "sp" and "RANK" not in os.environ:  # the process counts, checked before any is started
         from parallel import check_heads
         for n in args.gpus:
-            check_heads(osp_config(args.tiny).heads, n, "--gpus")
+            check_heads(bench_config(args.tiny, None, args.model).heads, n, "--gpus")
         visible = torch.cuda.device_count()
         if torch.cuda.is_available() and max(args.gpus) > visible:
             raise UserError(f"--gpus {max(args.gpus)}: only {visible} GPU(s) are visible")

@@ -64,7 +64,7 @@ def test_train_flops_counts_every_video_matmul_weight():
     """6 x (the weights the video tokens go through) x tokens, checked against the model's own parameters, plus
     the attention matmuls at the plan's density; x 4/3 with activation checkpointing."""
     from model import DiT
-    cfg = bench.osp_config(tiny=True)
+    cfg = bench.bench_config(tiny=True)
     m = DiT(cfg)
     b = m.blocks[0]
     weights = sum(lin.weight.numel() for lin in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2]))
