@@ -7,9 +7,11 @@ else is a bug and keeps its traceback. The argparse types below check flags befo
 out: logging (plain prints to stderr).
 """
 import argparse
+import contextlib
 import functools
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -29,11 +31,16 @@ def first_line(e: BaseException) -> str:
 
 
 def entry_point(main):
-    """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback."""
+    """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback; Ctrl-C with one
+    line and status 130 (what a shell reports for SIGINT)."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            if is_rank0():
+                print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
         except UserError as e:
             if is_rank0():
                 print(f"error: {e}", file=sys.stderr, flush=True)
@@ -93,3 +100,29 @@ def check_output_path(path: str, extensions=None) -> str:
     if not os.access(parent, os.W_OK):
         raise UserError(f"output {path!r}: folder {parent!r} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str):
+    """Write a file (or a folder) whole or not at all: yields a temporary path beside `path` with the same extension
+    (writers that pick a format by the extension still do), which replaces `path` when the block ends; on an error
+    or an interrupt it is removed and an existing `path` is left as it was. A write that fails (a full disk, a quota,
+    a file size limit, a permission) is one line naming `path`."""
+    root, ext = os.path.splitext(path.rstrip("/"))
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"
+    try:
+        yield tmp
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder replaces a folder: the old one goes last
+            old = f"{root}.old-{os.getpid()}{ext}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path!r}: {e.strerror or first_line(e)}") from None
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)

@@ -176,41 +176,79 @@ def write_shard(path, latents, captions=None, text_emb=None, text_mask=None):
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
 
 
+NULL_FILE = "null.safetensors"  # the empty caption's embedding, beside the shards
+
+
+def shard_header(path) -> dict:
+    """What a shard holds, from its header alone: {field: (per-item shape, dtype)}, and its item count per field
+    (captions included). A truncated or corrupt file is one line naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            fields = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors' own error: not a file it can read
+        raise UserError(f"shard {path} is truncated or not safetensors: {str(e).splitlines()[0]}") from None
+    counts = {k: shape[0] if shape else 0 for k, (shape, _) in fields.items()}
+    if "captions" in meta:
+        try:
+            counts["captions"] = len(json.loads(meta["captions"]))
+        except ValueError:
+            raise UserError(f"shard {path}: its captions metadata is not a JSON list") from None
+    return {"fields": {k: (shape[1:], dtype) for k, (shape, dtype) in fields.items()},
+            "captions": "captions" in meta, "counts": counts}
+
+
+def check_shard_headers(paths: list[str]):
+    """Every shard of a folder holds latents, the same fields with the same per-item shapes and dtypes, and as
+    many items in each; the first that does not is one line naming it and what differs."""
+    headers = [shard_header(p) for p in paths]
+    ref = headers[0]
+    for path, h in zip(paths, headers):
+        if "latents" not in h["fields"]:
+            raise UserError(f"shard {path} has no 'latents' (it holds {sorted(h['fields'])}; see data.py)")
+        if ("text_emb" in h["fields"]) != ("text_mask" in h["fields"]):
+            raise UserError(f"shard {path}: text_emb and text_mask go together")
+        differ = [f"{k} {h['fields'].get(k)} vs {ref['fields'].get(k)}" for k in sorted(set(h["fields"]) | set(ref["fields"]))
+                  if h["fields"].get(k) != ref["fields"].get(k)]
+        if h["captions"] != ref["captions"]:
+            differ.append(f"captions {h['captions']} vs {ref['captions']}")
+        if differ:
+            raise UserError(f"shard {path} disagrees with {paths[0]} (per-item shape, dtype): {'; '.join(differ)}")
+        if len(set(h["counts"].values())) != 1:
+            raise UserError(f"shard {path} has fields of different lengths: {h['counts']}")
+
+
 def _load_shard(path):
     from safetensors import safe_open
     from safetensors.torch import load_file
-    shard = load_file(path)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        shard = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - the header read, the data did not
+        raise UserError(f"shard {path} does not read: {str(e).splitlines()[0]}") from None
+    for key in ("latents", "text_emb"):
+        if key in shard and shard[key].is_floating_point():
+            finite = torch.isfinite(shard[key].flatten(1)).all(1)
+            if not finite.all():
+                raise UserError(f"shard {path} item {int((~finite).nonzero()[0])}: its {key} hold nan or inf")
     if "captions" in meta:
         shard["captions"] = json.loads(meta["captions"])
     return shard
 
 
-def _signature(shard):
-    """What every shard of a folder must agree on: keys, per-item shapes and dtypes."""
-    return sorted((k, "list") if k == "captions" else (k, tuple(v.shape[1:]), str(v.dtype)) for k, v in shard.items())
-
-
-NULL_FILE = "null.safetensors"  # the empty caption's embedding, beside the shards
-
-
 class ShardDataset(torch.utils.data.Dataset):
-    """All *.safetensors shards of a folder (sorted by name), loaded eagerly into memory; `null_text`: the
-    (text_emb, text_mask) of its null.safetensors, or None."""
+    """All *.safetensors shards of a folder (sorted by name), loaded eagerly into memory after their headers agree
+    (check_shard_headers); `null_text`: the (text_emb, text_mask) of its null.safetensors, or None."""
 
     def __init__(self, folder):
         paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
         paths = [p for p in paths if os.path.basename(p) != NULL_FILE]
         if not paths:
             raise UserError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
+        check_shard_headers(paths)
         shards = [_load_shard(p) for p in paths]
-        for p, shard in zip(paths, shards):
-            if _signature(shard) != _signature(shards[0]):
-                raise UserError(f"shard {p} in {folder!r} disagrees with {paths[0]}: "
-                                 f"{_signature(shard)} vs {_signature(shards[0])}")
-            if len({len(v) for v in shard.values()}) != 1:
-                raise UserError(f"shard {p} in {folder!r} has fields of different lengths")
         self.data = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "captions"}
         self.captions = [c for s in shards for c in s["captions"]] if "captions" in shards[0] else None
         self.null_text = read_null_text(os.path.join(folder, NULL_FILE), self.data.get("text_emb"))

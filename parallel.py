@@ -37,6 +37,7 @@ class Dist:
     device: torch.device = torch.device("cpu")
     sp_size: int = 1
     sp_group: object = None  # this rank's sequence-parallel process group (None: no sequence parallelism)
+    cpu_group: object = None  # every rank over gloo, for agreeing on host-side facts without a GPU sync
 
     @property
     def is_main(self):
@@ -87,7 +88,8 @@ def setup(device: str | None = None, sp_size: int = 1) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     mesh = init_device_mesh(dev.type, (world // sp_size, sp_size), mesh_dim_names=("dp", "sp"))
-    return Dist(rank, world, local, dev, sp_size, mesh.get_group("sp") if sp_size > 1 else None)
+    cpu_group = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
+    return Dist(rank, world, local, dev, sp_size, mesh.get_group("sp") if sp_size > 1 else None, cpu_group)
 
 
 def fully_shard_model(model, device, param_dtype=None):
@@ -223,12 +225,13 @@ def mean_over_ranks(x):
     return x / dist.get_world_size()
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if it is True on any (so that all ranks take the same branch)."""
+def any_rank(flag: bool, device, group=None) -> bool:
+    """True on every rank if it is True on any (so that all ranks take the same branch). With a gloo group
+    (Dist.cpu_group) and device "cpu" the agreement never waits for the GPU."""
     if not dist.is_initialized():
         return flag
     t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 

@@ -28,8 +28,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
-import shutil
 import sys
 import time
 import warnings
@@ -40,13 +38,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import checkpoint
 import distill
 import flow
 import parallel
 from attention import load_plan
-from cli import UserError, check_output_path, entry_point, first_line, warn
+from cli import UserError, atomic_output, entry_point, warn
 from data import VOCABULARY, collate, moving_shapes_batch, open_dataset
-from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata, save_model
+from model import DiT, load_model, model_config, num_params, read_metadata
 
 
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
@@ -219,223 +218,6 @@ def check_inputs(cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-def checkpoints(run_dir: str) -> list[str]:
-    if not os.path.isdir(run_dir):
-        return []
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt-") and n[5:].isdigit())
-    return [os.path.join(run_dir, n) for n in names if os.path.isfile(os.path.join(run_dir, n, "state.pt"))]
-
-
-def save_checkpoint(cfg, model, ema, opt, step, meta, env):
-    """Write run_dir/ckpt-{step} through a temporary folder and keep the newest `keep`; every rank calls it.
-    Without fsdp rank 0 writes the whole state; with it every rank writes its shards (DCP). -> the folder"""
-    final = os.path.join(cfg.run_dir, f"ckpt-{step:07d}")
-    tmp = os.path.join(cfg.run_dir, f".tmp-ckpt-{step:07d}")
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    # tensors, numbers, strings and containers only: loading it with weights_only=True can never run code
-    state = {"step": step, "rng": rng, "config": asdict(cfg)}
-    if cfg.fsdp:
-        import torch.distributed.checkpoint as dcp
-        parallel.barrier()  # the folder exists before any rank writes into it
-        dcp.save(sharded_state(model, ema, opt), checkpoint_id=os.path.join(tmp, "dcp"))  # returns when all wrote
-        state["meta"] = {**meta, "model_config": config_dict(model.cfg)}
-    elif env.is_main:
-        save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
-        save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
-        state["optimizer"] = opt.state_dict()
-    if env.is_main:
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoints(cfg.run_dir)[: -cfg.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def sharded_state(model, ema, opt) -> dict:
-    """Model, EMA and optimizer state as DCP reads and writes it: each rank's shards, keyed by parameter name
-    (the optimizer's too), so that a checkpoint loads at any world size."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema),
-            "optimizer": get_optimizer_state_dict(model, opt)}
-
-
-def dcp_load(state: dict, path: str):
-    """dcp.load of a checkpoint folder into state (in place); a shard that does not read raises an OSError naming
-    the rank (DCP's CheckpointException is a BaseException, which `except Exception` lets through)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    try:
-        dcp.load(state, checkpoint_id=path)
-    except CheckpointException as e:
-        rank, (error, _) = next(iter(e.failures.items()))
-        raise OSError(f"rank {rank}: {first_line(error)}") from None
-
-
-def load_sharded(path, model, ema, opt):
-    """Read a DCP checkpoint folder into model, ema and opt, resharded to this run's ranks."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-    state = sharded_state(model, ema, opt)
-    dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
-    set_model_state_dict(ema, state["ema"])
-    set_optimizer_state_dict(model, opt, state["optimizer"])
-
-
-def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
-    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # tuples and lists alike
-    return [f"{prefix}{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(now) | set(saved))
-            if k not in skip and saved.get(k) != now.get(k)]
-
-
-def read_checkpoint(path) -> tuple[dict, dict | None, dict | None, dict]:
-    """-> (state, model weights, EMA weights, model config) of a checkpoint folder (the weights None for a DCP
-    one, which load_sharded reads); raises whatever reading its files raises (missing, truncated, corrupt, or a
-    state.pt holding more than tensors and plain data)."""
-    from safetensors.torch import load_file
-    try:
-        state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError("state.pt holds objects other than tensors and plain data; refused, since loading them "
-                         "could run code") from None
-    if "meta" in state:  # fsdp: the weights are DCP shards
-        if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
-            raise FileNotFoundError("dcp/.metadata is missing")
-        return state, None, None, state["meta"]["model_config"]
-    weights = os.path.join(path, "model.safetensors")
-    return state, load_file(weights), load_file(os.path.join(path, "ema.safetensors")), \
-        read_metadata(weights)["model_config"]
-
-
-def resume(cfg, model, ema, opt, env) -> tuple[int, str | None]:
-    """Restore the newest checkpoint in run_dir that reads into model, ema and opt; -> (its step, its folder), or
-    (0, None) for a fresh run. A newer one that cannot be read is named and set aside (broken-ckpt-N); one of
-    another config stops the run with the differences."""
-    found = checkpoints(cfg.run_dir)
-    for path in reversed(found):
-        ranks_agree(int(os.path.basename(path)[5:]), cfg.run_dir, env)  # before any collective load
-        try:
-            state, weights, ema_weights, model_config = read_checkpoint(path)
-            error = None
-        except Exception as e:  # noqa: BLE001 - a file that does not read means: take the checkpoint before
-            error = e
-        if parallel.any_rank(error is not None, env.device):  # every rank takes the same checkpoint
-            set_aside(path, error, cfg.run_dir, env)
-            continue
-        # a key added since the checkpoint was written has its default (and an old value its current spelling)
-        saved = {**asdict(TrainConfig()), **state["config"]}
-        saved_model = config_dict(ModelConfig(**model_config))
-        changed = differences(saved, asdict(cfg), RUN_KEYS) + differences(
-            saved_model, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
-        if changed:
-            raise UserError(f"{cfg.run_dir!r} holds a run of another config ({'; '.join(changed)}): use another "
-                            f"run_dir, or the config it was started with")
-        if weights is None:
-            try:
-                load_sharded(os.path.join(path, "dcp"), model, ema, opt)
-            except Exception as e:  # noqa: BLE001 - the checkpoint before overwrites whatever was half-loaded
-                error = e
-            if parallel.any_rank(error is not None, env.device):
-                set_aside(path, error, cfg.run_dir, env)
-                continue
-        else:
-            model.load_state_dict(weights)
-            ema.load_state_dict(ema_weights)
-            opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return state["step"], path
-    broken = sorted(n for n in os.listdir(cfg.run_dir) if n.startswith("broken-")) if os.path.isdir(cfg.run_dir) else []
-    if broken:  # never start afresh (and cut the log to nothing) over checkpoints that did not load
-        raise UserError(f"no checkpoint in {cfg.run_dir!r} loads ({', '.join(broken)} did not): move them away "
-                        "to start afresh, or give another run_dir")
-    ranks_agree(-1, cfg.run_dir, env)  # meets the check above on a rank that found checkpoints
-    return 0, None
-
-
-def ranks_agree(step: int, run_dir: str, env):
-    """Stop every rank unless all of them are about to take the checkpoint of `step` (-1: none)."""
-    if not parallel.same_on_all_ranks(step, env.device):
-        raise UserError(f"the processes see different checkpoints in {run_dir!r}: is run_dir shared by every node?")
-
-
-def set_aside(path, error, run_dir, env):
-    """Rename a checkpoint that does not load to broken-ckpt-N (rank 0), saying why (on the rank it failed)."""
-    aside = unused_path(os.path.join(run_dir, "broken-" + os.path.basename(path)))
-    if error is not None:
-        warn(f"checkpoint {path} does not load ({first_line(error)[:200]}); set aside as {os.path.basename(aside)}")
-    parallel.barrier()  # every rank has looked at it
-    if env.is_main:
-        os.replace(path, aside)
-
-
-def unused_path(path: str) -> str:
-    """path, or path.1, path.2, ... : the first that does not exist."""
-    candidate, i = path, 0
-    while os.path.exists(candidate):
-        i += 1
-        candidate = f"{path}.{i}"
-    return candidate
-
-
-def cut_log(path: str, step: int):
-    """Drop the log records after `step` (written after the checkpoint a resumed run starts from)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
-            pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
-def export(cfg: TrainConfig, out: str):
-    """The newest checkpoint's EMA weights in bf16, for shipping: one safetensors file (OUT.safetensors), or for a
-    Wan-shaped model any other OUT: a diffusers folder (wan.save_diffusers) that WanTransformer3DModel loads."""
-    found = checkpoints(cfg.run_dir)
-    if not found:
-        raise UserError(f"--export: no checkpoint in {cfg.run_dir!r} (run_dir) to export; train this config first")
-    diffusers = not out.endswith(".safetensors")
-    if diffusers:
-        import wan
-        wan.check_export_folder(out)
-    else:
-        check_output_path(out, {".safetensors"})
-    if os.path.isdir(os.path.join(found[-1], "dcp")):  # fsdp: gather the EMA shards into one model
-        meta = read_checkpoint(found[-1])[0]["meta"]
-        model = DiT(ModelConfig(**meta["model_config"]))
-        state = {"ema": model.state_dict()}
-        try:
-            dcp_load(state, os.path.join(found[-1], "dcp"))
-        except OSError as e:  # a missing or corrupt shard
-            raise UserError(f"--export: {found[-1]} does not load ({first_line(e)[:200]})") from None
-        model.load_state_dict(state["ema"])
-    else:
-        model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
-    meta = {k: v for k, v in meta.items() if k != "model_config"}
-    if diffusers:
-        wan.save_diffusers(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
-        print(f"exported {found[-1]} (EMA, bf16) -> {out}/ (diffusers {wan.CLASS})")
-        return
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_model(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
-    print(f"exported {found[-1]} (EMA, bf16) -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Data and objective
 
 DATA, NOISE = 0, 1  # a sample's two random streams: what it shows, and its training time and noise
@@ -573,10 +355,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) the configured stage; returns the log records written by this call."""
     check_inputs(cfg)
     env = parallel.setup(cfg.device or None, cfg.sp_size)
-    device = env.device
     if cfg.batch_size % env.dp_size:
         raise UserError(f"batch_size={cfg.batch_size} does not split over {env.dp_size} data-parallel groups "
                         f"({env.world} processes / sp_size {env.sp_size}): make it a multiple of {env.dp_size}")
+    with checkpoint.RunFolder(cfg, env, RUN_KEYS) as run:  # one writer per run_dir
+        return run_stage(cfg, env, run)
+
+
+def run_stage(cfg: TrainConfig, env, run) -> list[dict]:
+    """The configured stage on this process's share of the work, with run (checkpoint.RunFolder) holding run_dir."""
+    device = env.device
     local_bs = cfg.batch_size // env.dp_size
     micro = cfg.micro_batch or (local_bs if device.type == "cuda" else CPU_MICRO_BATCH)
     torch.manual_seed(cfg.seed)
@@ -584,7 +372,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.stage == 2:  # no training: the search measures and writes plans (distill.py)
         records = distill.mask_search(cfg, device, env.is_main)
         if env.is_main:
-            with open(os.path.join(cfg.run_dir, "log.jsonl"), "w") as f:
+            with atomic_output(run.log_path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps({k: v for k, v in r.items() if k != "rows"}) + "\n" for r in records)
         return records
     init_meta = {}
@@ -616,7 +404,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
                             fused=device.type == "cuda")  # fused works on FSDP2 shards too
 
-    start, resumed = resume(cfg, model, ema, opt, env)
+    start, resumed = run.resume(model, ema, opt)
     dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
@@ -628,13 +416,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     objective = make_objective(cfg, model, net, ema, env, compile_, getattr(dataset, "null_text", None))
 
-    log_path = os.path.join(cfg.run_dir, "log.jsonl")
     if env.is_main:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        cut_log(log_path, start)  # a killed run logged steps past its last checkpoint: they run again
-        for name in os.listdir(cfg.run_dir):  # checkpoints a kill left half-written
-            if name.startswith(".tmp-ckpt-"):
-                shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
               f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}{', FSDP' if sharded else ''}, "
               f"micro-batch {min(micro, local_bs)}), "
@@ -644,7 +426,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     t_start = t_last = time.time()
     step_last = start
     prof = step_profiler(cfg, start, env)
-    with prof or nullcontext():  # a profiler stops (and writes its trace) however the loop ends
+    # a profiler stops (and writes its trace) however the loop ends; SIGTERM / SIGUSR1 end it after a checkpoint
+    with prof or nullcontext(), run.preemptible():
         for step in pbar:
             lr = learning_rate(cfg, step)
             for group in opt.param_groups:
@@ -681,10 +464,11 @@ def train(cfg: TrainConfig) -> list[dict]:
                          f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
             out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
                 parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
-            last_step = done == cfg.steps or out_of_time
+            stop = run.stop_requested()  # a CPU all-reduce: every rank stops after the same step
+            last_step = done == cfg.steps or out_of_time or stop
             if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
                 if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
-                    last = checkpoints(cfg.run_dir)
+                    last = checkpoint.checkpoints(cfg.run_dir)
                     raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
                                              f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
                                              "e.g. with a lower lr)")
@@ -700,15 +484,15 @@ def train(cfg: TrainConfig) -> list[dict]:
                 records.append(rec)
                 if env.is_main:
                     pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
+                run.log(rec)
             if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
-                save_checkpoint(cfg, model, ema, opt, done, {**meta, "step": done}, env)
+                run.save(done, model, ema, opt, {**meta, "step": done})
             if prof:
                 prof.step()
-            if out_of_time:
+            if out_of_time or stop:
                 if env.is_main:
-                    print(f"max_minutes={cfg.max_minutes} reached at step {done}; rerun to resume")
+                    why = f"max_minutes={cfg.max_minutes} reached" if out_of_time else f"{run.stop_signal or 'a stop signal'} received"
+                    print(f"{why}: stopped after step {done}{' with a checkpoint' if cfg.save else ''}; rerun to resume")
                 break
     pbar.close()
     parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
@@ -760,7 +544,7 @@ def main(argv=None):
         argv = argv[:i] + argv[i + 2:]
     cfg = load_config(argv[0], argv[1:])
     if out:
-        export(cfg, out)
+        checkpoint.export(cfg.run_dir, out)
         return
     try:
         train(cfg)

@@ -7,6 +7,7 @@ import torch
 
 import distill
 import flow
+import checkpoint
 import train
 from conftest import read_log, tiny_checkpoint, train_killed_at
 
@@ -88,7 +89,7 @@ def test_stage1_checkpoint_resumes_exactly_and_samples_in_k_steps(tmp_path, tiny
     assert [r["step"] for r in resumed] == [3, 4]
     assert all(a[r["step"]] == r["loss"] for r in resumed)
     from model import load_model
-    _, meta = load_model(os.path.join(train.checkpoints(crashed.run_dir)[-1], "ema.safetensors"))
+    _, meta = load_model(os.path.join(checkpoint.checkpoints(crashed.run_dir)[-1], "ema.safetensors"))
     assert meta["kind"] == "mlcd" and flow.sampler_settings(meta) == {"name": "euler", "steps": 4, "cfg": 1.0, "shift": 1.0}
 
 

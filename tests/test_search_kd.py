@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import distill
+import checkpoint
 import train
 from attention import FULL, load_plan
 from conftest import read_log, tiny_checkpoint
@@ -84,7 +85,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
         "num_frames=4", "size=16", "steps=60", "log_every=1", "warmup=1", "lr=3e-4", "compile=false"])
     records = train.train(s3)
     assert sum(r["loss"] for r in records[-5:]) / 5 < 0.5 * records[0]["loss"]
-    m, meta = load_model(os.path.join(train.checkpoints(s3.run_dir)[-1], "ema.safetensors"))
+    m, meta = load_model(os.path.join(checkpoint.checkpoints(s3.run_dir)[-1], "ema.safetensors"))
     assert meta["kind"] == "sparse" and meta["sampler"]["steps"] == 2
     assert m.cfg.mask_plan == [1, 1, 2] and [b.attn.plan_entry for b in m.blocks] == [1, 1, 2]
 

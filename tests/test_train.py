@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import train
 from conftest import read_log, tiny_checkpoint, train_killed_at
 from data import write_shard
@@ -85,7 +86,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "stage0_loss", poisoned)
     with pytest.raises(FloatingPointError, match="ckpt-0000002"):
         train.train(cfg)
-    assert [os.path.basename(p) for p in train.checkpoints(cfg.run_dir)] == ["ckpt-0000002"]
+    assert [os.path.basename(p) for p in checkpoint.checkpoints(cfg.run_dir)] == ["ckpt-0000002"]
     weights = load_file(os.path.join(cfg.run_dir, "ckpt-0000002", "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -107,7 +108,7 @@ def test_trains_on_safetensors_shards(tmp_path, with_embeddings):
     cfg = cfg_for(tmp_path, *args)
     records = train.train(cfg)
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
-    _, meta = load_model(os.path.join(train.checkpoints(cfg.run_dir)[-1], "ema.safetensors"))
+    _, meta = load_model(os.path.join(checkpoint.checkpoints(cfg.run_dir)[-1], "ema.safetensors"))
     assert meta["video_shape"] == [4, 2, 8, 8]
 
 
@@ -115,7 +116,7 @@ def test_export_and_sample_cli(tmp_path):
     cfg = cfg_for(tmp_path, "steps=2", "num_frames=4", "size=16")
     train.train(cfg)
     out = str(tmp_path / "w.safetensors")
-    train.export(cfg, out)
+    checkpoint.export(cfg.run_dir, out)
     m, meta = load_model(out)
     assert next(m.parameters()).dtype == torch.float32 and meta["kind"] == "base"
     gif = tmp_path / "v.gif"
@@ -219,7 +220,7 @@ def test_a_checkpoint_from_before_the_wan_model_keys_resumes(tmp_path):
     from safetensors.torch import save_file
     cfg = cfg_for(tmp_path, "steps=2")
     train.train(cfg)
-    ckpt = train.checkpoints(cfg.run_dir)[-1]
+    ckpt = checkpoint.checkpoints(cfg.run_dir)[-1]
     for name in ("model.safetensors", "ema.safetensors"):
         path = os.path.join(ckpt, name)
         with safe_open(path, "pt") as f:

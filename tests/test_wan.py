@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+import checkpoint
 import train
 import wan
 from attention import tile_dense_mask
@@ -229,7 +230,7 @@ def test_the_recipe_runs_on_a_tiny_wan_from_a_diffusers_folder(folder, tmp_path)
     train.train(s1)
     assert len(read_log(s1.run_dir)) == 2
     mlcd = str(tmp_path / "mlcd.safetensors")
-    train.export(s1, mlcd)
+    checkpoint.export(s1.run_dir, mlcd)
     assert read_metadata(mlcd)["sampler"]["steps"] == 4
     [rec] = train.train(cfg(2, f"init={mlcd}", f"data={data}", "calib_prompts=1", "candidates=[1, 2]", "sweep=[]",
                             "threshold=10"))
@@ -237,7 +238,7 @@ def test_the_recipe_runs_on_a_tiny_wan_from_a_diffusers_folder(folder, tmp_path)
     s3 = cfg(3, f"init={mlcd}", f"plan={rec['file']}", *common)
     train.train(s3)
     student = str(tmp_path / "student")
-    train.export(s3, student)  # a diffusers folder, with the plan
+    checkpoint.export(s3.run_dir, student)  # a diffusers folder, with the plan
     m, meta = load_model(student)
     assert meta["kind"] == "sparse" and m.cfg.mask_plan == [1, 1] and meta["video_shape"] == [16, 3, 8, 8]
     back = wan.apply_mask_plan(WanTransformer3DModel.from_pretrained(student).eval(), os.path.join(student, wan.PLAN))
