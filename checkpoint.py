@@ -360,14 +360,20 @@ def export(run_dir: str, out: str):
     found = checkpoints(run_dir)
     if not found:
         raise UserError(f"--export: no checkpoint in {run_dir!r} (run_dir) to export; train this config first")
-    diffusers = not out.endswith(".safetensors")
-    if diffusers:
+    ext = os.path.splitext(out.rstrip("/"))[1].lower()
+    if ext not in ("", ".safetensors"):
+        raise UserError(f"--export {out!r}: give OUT.safetensors (one file) or a folder name without an extension "
+                        "(a diffusers folder, for a Wan-shaped model)")
+    dcp_meta = read_checkpoint(found[-1])[0]["meta"] if os.path.isdir(os.path.join(found[-1], "dcp")) else None
+    if ext == "":  # checked before any weights load
         import wan
         wan.check_export_folder(out)
+        wan.check_exportable(ModelConfig(**(dcp_meta or read_metadata(os.path.join(found[-1], "ema.safetensors")))
+                                         ["model_config"]))
     else:
         check_output_path(out, {".safetensors"})
-    if os.path.isdir(os.path.join(found[-1], "dcp")):  # fsdp: gather the EMA shards into one model
-        meta = read_checkpoint(found[-1])[0]["meta"]
+    if dcp_meta is not None:  # fsdp: gather the EMA shards into one model
+        meta = dcp_meta
         model = DiT(ModelConfig(**meta["model_config"]))
         state = {"ema": model.state_dict()}
         try:
@@ -378,7 +384,7 @@ def export(run_dir: str, out: str):
     else:
         model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
     meta = {k: v for k, v in meta.items() if k != "model_config"}
-    if diffusers:
+    if ext == "":
         wan.save_diffusers(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
         print(f"exported {found[-1]} (EMA, bf16) -> {out}/ (diffusers {wan.CLASS})")
         return

@@ -107,10 +107,12 @@ def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress
                         "model with its own byte-level text encoder")
     else:
         text, mask = model.tokenize(prompts)
-    device = next(model.parameters()).device
-    noise = torch.randn(len(text), *video_shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    cond = model.encode_text(text.to(device), mask.to(device))
+    weight = next(model.parameters())
+    inputs = lambda x: x.to(weight.device, weight.dtype if x.is_floating_point() else x.dtype)  # noqa: E731
+    noise = torch.randn(len(text), *video_shape, generator=torch.Generator().manual_seed(seed)).to(weight.device)
+    cond = model.encode_text(inputs(text), inputs(mask))
     uncond = None if sampler["cfg"] == 1.0 else \
-        model.encode_text(*(x.to(device) for x in null_text(model, len(text), text, null)))
-    return euler_sample(lambda x, t: cfg_velocity(model, x, t, cond, uncond, sampler["cfg"]),
+        model.encode_text(*(inputs(x) for x in null_text(model, len(text), text, null)))
+    # the path is integrated in float32 whatever the model's dtype (a bf16 model on a GPU)
+    return euler_sample(lambda x, t: cfg_velocity(model, inputs(x), t, cond, uncond, sampler["cfg"]),
                         noise, sampler["steps"], sampler["shift"], progress)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import parallel
-from cli import UserError
+from cli import UserError, atomic_output
 from attention import BACKENDS, FULL, entry_num_ref, expand_plan, tile_attention
 
 
@@ -410,9 +410,8 @@ def save_model(path: str, state_dict: dict, cfg: ModelConfig, meta: dict | None 
                for k, v in state_dict.items()}
     metadata = {"model_config": json.dumps(config_dict(cfg))}
     metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_metadata(path: str) -> dict:
@@ -437,16 +436,21 @@ def read_metadata(path: str) -> dict:
 def load_model(path: str, device="cpu", dtype=torch.float32):
     """-> (DiT in eval mode, metadata dict). The mask plan in the metadata's config is applied. path: one of our
     .safetensors checkpoints, or a diffusers Wan transformer (or pipeline) folder, converted on the way in (wan.py)."""
-    from safetensors.torch import load_file
     if os.path.isdir(path):
         import wan
         return wan.load_diffusers(path, device, dtype)
     meta = read_metadata(path)
+    return model_from_weights(ModelConfig(**meta["model_config"]), load_safetensors(path), path, device, dtype), meta
+
+
+def load_safetensors(path: str) -> dict:
+    """All tensors of a safetensors file; a truncated or corrupt one is one line (its header can read fine while
+    its tensors do not)."""
+    from safetensors.torch import load_file
     try:
-        weights = load_file(path)
-    except Exception as e:  # a truncated or corrupt file: the header can read fine while the tensors do not
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' own errors
         raise UserError(f"{path!r} is truncated or corrupt: {str(e).splitlines()[0]}") from None
-    return model_from_weights(ModelConfig(**meta["model_config"]), weights, path, device, dtype), meta
 
 
 def model_from_weights(cfg: ModelConfig, weights: dict, where: str, device="cpu", dtype=torch.float32):

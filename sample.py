@@ -68,7 +68,8 @@ def parse_args(argv=None):
                                                       "transformer folder (default with --pipeline: its transformer)")
     p.add_argument("--pipeline", default=None, help="a diffusers Wan pipeline folder: its umT5 encodes the prompt and "
                                                     "its VAE decodes the video (for models reading text embeddings)")
-    p.add_argument("--negative-prompt", default="", help="with --pipeline: the guidance's unconditional prompt")
+    p.add_argument("--negative-prompt", default=None, help="with --pipeline: the guidance's unconditional prompt "
+                                                           "(default: the empty one)")
     p.add_argument("--text-emb", default=None, help="instead of --prompt: a prompt's embedding (text_emb [L, D], "
                                                     "text_mask [L] in safetensors; `python wan.py embed` writes one)")
     p.add_argument("--negative-emb", default=None, help="with --text-emb: the unconditional embedding (default: the "
@@ -88,15 +89,15 @@ def parse_args(argv=None):
                                                           "many steps or videos)")
     args = p.parse_args(argv)
     if args.checkpoint is None:
-        args.checkpoint = os.path.join(args.pipeline, "transformer") if args.pipeline else SHIPPED[args.model]
+        args.checkpoint = args.pipeline or SHIPPED[args.model]  # a pipeline folder: its transformer/
     if (args.prompt is None) == (args.text_emb is None):
         p.error("give --prompt or --text-emb (one of them)")
     if args.prompt is not None and not args.prompt.strip() and not args.pipeline:
         p.error("--prompt is empty")
-    if args.text_emb and args.pipeline:
-        p.error("--text-emb is for sampling without --pipeline (which encodes --prompt itself)")
-    if not args.pipeline and (args.frames or args.height or args.width):
-        p.error("--frames, --height and --width size the decoded video: they need --pipeline")
+    if args.pipeline and (args.text_emb or args.negative_emb):
+        p.error("--text-emb and --negative-emb are for sampling without --pipeline (which encodes the prompts itself)")
+    if not args.pipeline and (args.frames or args.height or args.width or args.negative_prompt is not None):
+        p.error("--frames, --height, --width and --negative-prompt go with --pipeline (its VAE and text encoder)")
     return args
 
 
@@ -115,17 +116,18 @@ def prepare_prompt(prompt: str, meta: dict) -> str:
     return prompt
 
 
-def video_shape(meta: dict, args, pipe) -> list:
+def video_shape(meta: dict, args, vae: dict | None) -> list:
     """The latents [C, T, H, W] to sample: the checkpoint's, or the pixels asked for through the pipeline's VAE
-    (Wan: T = (frames - 1) / 4 + 1, H = height / 8 or 16)."""
+    (its config: Wan 2.1 T = (frames - 1) / 4 + 1, H = height / 8), checked to fit the model's patches."""
     C, T, H, W = meta["video_shape"]
-    if pipe is None or not (args.frames or args.height or args.width):
+    if vae is None or not (args.frames or args.height or args.width):
         return [C, T, H, W]
-    st, ss = pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial
+    st, ss = vae.get("scale_factor_temporal", 4), vae.get("scale_factor_spatial", 8)
+    pt, ph, pw = meta["model_config"]["patch_size"]
     frames, height, width = args.frames or (T - 1) * st + 1, args.height or H * ss, args.width or W * ss
-    if (frames - 1) % st or height % ss or width % ss:
-        raise UserError(f"--frames must be {st} k + 1 and --height / --width multiples of {ss} for this VAE; "
-                        f"got {frames} x {height} x {width}")
+    if (frames - 1) % (st * pt) or height % (ss * ph) or width % (ss * pw):
+        raise UserError(f"--frames must be {st * pt} k + 1 and --height / --width multiples of {ss * ph} / "
+                        f"{ss * pw} for this VAE and model; got {frames} x {height} x {width}")
     return [C, (frames - 1) // st + 1, height // ss, width // ss]
 
 
@@ -136,10 +138,15 @@ def text_inputs(args, meta, model, pipe, guided: bool):
         return [prepare_prompt(args.prompt, meta)], None
     if pipe is not None:
         import wan
-        emb, mask = wan.encode_prompts(pipe, [args.prompt.strip(), args.negative_prompt], model.cfg.text_len)
+        emb, mask = wan.encode_prompts(pipe, [args.prompt.strip(), args.negative_prompt or ""], model.cfg.text_len)
         return (emb[:1], mask[:1]), (emb[1], mask[1]) if guided else None
     emb, mask = read_embedding(args.text_emb, model.cfg.text_dim, "--text-emb")
-    null = read_embedding(args.negative_emb, model.cfg.text_dim, "--negative-emb") if args.negative_emb else None
+    null = None
+    if args.negative_emb:
+        null = read_embedding(args.negative_emb, model.cfg.text_dim, "--negative-emb")
+        if null[0].shape != emb.shape:
+            raise UserError(f"--negative-emb holds {tuple(null[0].shape)} embeddings, --text-emb {tuple(emb.shape)}: "
+                            "write both at the same length (python wan.py embed does)")
     return (emb[None], mask[None]), null
 
 
@@ -169,6 +176,15 @@ def main(argv=None):
     if "video_shape" not in meta:
         raise UserError(f"{args.checkpoint!r} has no video_shape in its metadata: cannot size the noise")
     sampler = flow.sampler_settings(meta, args.steps, args.cfg)
+    if args.text_emb and sampler["cfg"] != 1.0 and not args.negative_emb and "source" in meta:
+        raise UserError(f"{args.checkpoint!r} is a pretrained model sampled with guidance (cfg {sampler['cfg']}): give "
+                        "--negative-emb, its text encoder's empty prompt (python wan.py embed --prompt ''), or --cfg 1")
+    vae = None
+    if args.pipeline:
+        import wan
+        from model import ModelConfig
+        vae = wan.check_pipeline(args.pipeline, ModelConfig(**meta["model_config"]))
+    shape = video_shape(meta, args, vae)
     latents = (meta["model_config"].get("in_channels") != 3 and not args.pipeline)
     out = os.path.splitext(args.out)[0] + ".safetensors" if latents else args.out
     check_output_path(out, {".safetensors"} if latents else image_extensions())
@@ -176,16 +192,13 @@ def main(argv=None):
     check_heads(meta["model_config"].get("heads", 1), world, "processes")
     try:
         env = parallel.setup(args.device, sp_size=world)
-        pipe = None
-        if args.pipeline:
-            import wan
-            pipe = wan.load_pipeline(args.pipeline, env.device, torch.bfloat16 if env.device.type == "cuda" else
-                                     torch.float32)
-        model, meta = load_model(args.checkpoint, env.device)
+        # a model reading embeddings (Wan) runs in bf16 on a GPU, where FA4 takes it; the demo models in fp32
+        bf16 = embeds and env.device.type == "cuda"
+        model, meta = load_model(args.checkpoint, env.device, torch.bfloat16 if bf16 else torch.float32)
+        pipe = wan.load_pipeline(args.pipeline, env.device) if args.pipeline else None
         prompts, null = text_inputs(args, meta, model, pipe, sampler["cfg"] != 1.0)
         if model.text_encoder is not None:
             model.tokenize(prompts)  # a prompt too long for the model fails here, before sampling
-        shape = video_shape(meta, args, pipe)
         model.enable_sequence_parallel(env.sp_group)
         if args.compile and env.device.type == "cuda":
             model.compile_blocks()

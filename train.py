@@ -44,7 +44,7 @@ import flow
 import parallel
 from attention import load_plan
 from cli import UserError, atomic_output, entry_point, warn
-from data import VOCABULARY, collate, moving_shapes_batch, open_dataset
+from data import NULL_FILE, VOCABULARY, collate, moving_shapes_batch, open_dataset
 from model import DiT, load_model, model_config, num_params, read_metadata
 
 
@@ -207,6 +207,12 @@ def check_inputs(cfg: TrainConfig):
             except UserError as e:
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
+    pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
+    uses_null = cfg.caption_dropout > 0 or (cfg.stage == 1 and cfg.teacher_cfg != 1)
+    if pretrained and uses_null and cfg.data != "shapes" and not os.path.isfile(os.path.join(cfg.data, NULL_FILE)):
+        raise UserError(f"{pretrained[0]!r} is a pretrained model: its empty caption is its text encoder's embedding, "
+                        f"not a zero token, and caption dropout or guidance needs it as {cfg.data}/{NULL_FILE} "
+                        "(python wan.py embed --pipeline PIPELINE --prompt '' --out ...)")
     heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else model_config(cfg.model, **cfg.model_args).heads
     parallel.check_heads(heads, cfg.sp_size)
     if cfg.stage == 3:

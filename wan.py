@@ -26,13 +26,13 @@ gives every token the same time, which is what this model takes).
 """
 import json
 import os
-import shutil
 
 import torch
 
 from attention import FULL, expand_plan, save_plan
-from cli import UserError, entry_point
-from model import PRESETS, TIME_FEATURES, WAN, Attend, DiT, ModelConfig, config_dict, model_config, model_from_weights
+from cli import UserError, atomic_output, entry_point
+from model import (PRESETS, TIME_FEATURES, WAN, Attend, DiT, ModelConfig, config_dict, load_safetensors, model_config,
+                   model_from_weights)
 
 CLASS = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"  # the version our conversion is tested against (requirements.txt)
@@ -64,12 +64,56 @@ VIDEO_SHAPES = {"wan2.1-1.3b": [16, 21, 60, 104], "wan2.1-14b": [16, 21, 90, 160
 
 def transformer_folder(path: str) -> str:
     """A transformer folder (config.json + weights) from itself or from a pipeline folder holding transformer/."""
-    if os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "transformer")):
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        check_pipeline_index(path)
         path = os.path.join(path, "transformer")
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "state.pt")):
+            raise UserError(f"{path!r} is a training checkpoint folder: give its ema.safetensors (or "
+                            "model.safetensors), or export it (train.py --export)")
         raise UserError(f"{path!r} has no config.json: give a diffusers Wan transformer folder (or the pipeline "
                         "folder holding transformer/)")
     return path
+
+
+def check_pipeline_index(folder: str) -> dict:
+    """A diffusers pipeline folder's model_index.json, refused where it is a pipeline this code does not run
+    (Wan 2.2 A14B: two transformers switched by noise level)."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder!r}: model_index.json does not read ({e})") from None
+    if (index.get("transformer_2") or [None])[0] is not None or index.get("boundary_ratio") is not None:
+        raise UserError(f"{folder!r} is a two-expert Wan 2.2 pipeline (transformer_2, boundary_ratio): this code "
+                        "runs one transformer (Wan 2.1 T2V, Wan 2.2 TI2V 5B)")
+    return index
+
+
+def pipeline_configs(folder: str) -> tuple[dict, dict]:
+    """(vae/config.json, text_encoder/config.json) of a diffusers Wan pipeline folder, read before anything loads."""
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise UserError(f"--pipeline {folder!r} is not a diffusers pipeline folder (no model_index.json)")
+    check_pipeline_index(folder)
+    configs = []
+    for part in ("vae", "text_encoder"):
+        try:
+            with open(os.path.join(folder, part, "config.json")) as f:
+                configs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--pipeline {folder!r}: {part}/config.json does not read ({e})") from None
+    return configs[0], configs[1]
+
+
+def check_pipeline(folder: str, cfg: ModelConfig) -> dict:
+    """A pipeline folder whose VAE and text encoder fit a model of cfg (latent channels, text width), checked
+    from their config.json before anything loads. -> the VAE's config"""
+    vae, encoder = pipeline_configs(folder)
+    if vae.get("z_dim") != cfg.in_channels or encoder.get("d_model") != cfg.text_dim:
+        raise UserError(f"--pipeline {folder!r} does not fit this model: its VAE has {vae.get('z_dim')} latent "
+                        f"channels and its text encoder {encoder.get('d_model')} wide embeddings; the model reads "
+                        f"{cfg.in_channels} and {cfg.text_dim}")
+    return vae
 
 
 def read_config(folder: str) -> dict:
@@ -215,7 +259,6 @@ def to_ours(weights: dict, cfg: ModelConfig, where: str) -> dict:
 
 def read_weights(folder: str) -> dict:
     """All tensors of a diffusers folder: one safetensors file, or the shards its index names."""
-    from safetensors.torch import load_file
     single, index = os.path.join(folder, WEIGHTS), os.path.join(folder, INDEX)
     if os.path.isfile(index):
         try:
@@ -232,10 +275,7 @@ def read_weights(folder: str) -> dict:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise UserError(f"{folder!r}: shard {name!r} (named in {INDEX}) is missing")
-        try:
-            weights.update(load_file(path))
-        except Exception as e:  # noqa: BLE001 - a truncated or corrupt shard
-            raise UserError(f"{path!r} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+        weights.update(load_safetensors(path))
     return weights
 
 
@@ -259,7 +299,7 @@ def save_diffusers(folder: str, state_dict: dict, cfg: ModelConfig, meta: dict |
     """Write a folder diffusers' WanTransformer3DModel.from_pretrained loads: config.json and the weights (sharded
     above SHARD_BYTES, with diffusers' index), plus tile_vdit.json (kind, sampler, video shape, plan: what
     read_metadata gives back) and, for a sparse plan, mask_plan.yaml (apply_mask_plan). Written to a temporary
-    folder and renamed, so a failed export leaves no half folder."""
+    folder that replaces `folder` when complete (cli.atomic_output), so a failed export leaves no half folder."""
     from safetensors.torch import save_file
     check_exportable(cfg)
     check_export_folder(folder)
@@ -273,28 +313,25 @@ def save_diffusers(folder: str, state_dict: dict, cfg: ModelConfig, meta: dict |
             size = 0
         shards[-1].append(name)
         size += t.nbytes
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     files = [WEIGHTS] if len(shards) == 1 else \
         [f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, keys in zip(files, shards, strict=True):
-        save_file({k: tensors[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": {k: name for name, keys in zip(files, shards) for k in keys}}
-        with open(os.path.join(tmp, INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(diffusers_config(cfg), f, indent=2)
-    ours = {k: v for k, v in (meta or {}).items() if k in ("kind", "sampler", "video_shape", "fps")}
-    with open(os.path.join(tmp, OURS), "w") as f:
-        json.dump({**ours, "mask_plan": list(cfg.mask_plan)}, f, indent=2)
-    if any(e != FULL for e in cfg.mask_plan):
-        frames = (meta or {}).get("video_shape", [0, cfg.patch_size[0]])[1] // cfg.patch_size[0]
-        save_plan(os.path.join(tmp, PLAN), cfg.mask_plan, frames, header={"model": "exported student"})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with atomic_output(folder) as tmp:
+        os.makedirs(tmp)
+        for name, keys in zip(files, shards, strict=True):
+            save_file({k: tensors[k] for k in keys}, os.path.join(tmp, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+                     "weight_map": {k: name for name, keys in zip(files, shards) for k in keys}}
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(diffusers_config(cfg), f, indent=2)
+        ours = {k: v for k, v in (meta or {}).items() if k in ("kind", "sampler", "video_shape", "fps")}
+        with open(os.path.join(tmp, OURS), "w") as f:
+            json.dump({**ours, "mask_plan": list(cfg.mask_plan)}, f, indent=2)
+        if any(e != FULL for e in cfg.mask_plan):
+            frames = (meta or {}).get("video_shape", [0, cfg.patch_size[0]])[1] // cfg.patch_size[0]
+            save_plan(os.path.join(tmp, PLAN), cfg.mask_plan, frames, header={"model": "exported student"})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,17 +402,18 @@ def student_scheduler(steps: int, shift: float = 1.0):
 # ----------------------------------------------------------------------------------------------------------
 # The rest of a diffusers Wan pipeline (sample.py --pipeline): umT5 prompts in, Wan's VAE out
 
-def load_pipeline(folder: str, device, dtype=torch.float32):
-    """A diffusers Wan pipeline folder's tokenizer, text encoder (umT5) and VAE, without its transformer (ours runs
-    instead). The VAE stays in float32, as Wan's pipelines recommend."""
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise UserError(f"--pipeline {folder!r} is not a diffusers pipeline folder (no model_index.json)")
-    from diffusers import WanPipeline
+def load_pipeline(folder: str, device):
+    """A diffusers Wan pipeline folder's tokenizer, text encoder (umT5: bf16 on a GPU, fp32 on a CPU) and VAE (fp32,
+    as Wan's pipelines recommend, read as such from its files), without its transformer (ours runs instead)."""
+    pipeline_configs(folder)
+    from diffusers import AutoencoderKLWan, WanPipeline
+    device = torch.device(device)
     try:
-        pipe = WanPipeline.from_pretrained(folder, transformer=None, torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+        pipe = WanPipeline.from_pretrained(folder, transformer=None, vae=vae, torch_dtype=torch.bfloat16
+                                           if device.type == "cuda" else torch.float32)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"--pipeline {folder!r} does not load as a WanPipeline: {str(e).splitlines()[0]}") from None
-    pipe.vae.to(torch.float32)
     return pipe.to(device)
 
 
@@ -402,7 +440,8 @@ def decode(pipe, latents):
 def write_embedding(path: str, emb, mask):
     """One prompt's embedding as sample.py --text-emb and a data folder's null.safetensors read it."""
     from safetensors.torch import save_file
-    save_file({"text_emb": emb.contiguous().cpu(), "text_mask": mask.contiguous().cpu()}, path)
+    with atomic_output(path) as tmp:
+        save_file({"text_emb": emb.float().contiguous().cpu(), "text_mask": mask.contiguous().cpu()}, tmp)
 
 
 @entry_point

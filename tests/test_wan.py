@@ -81,7 +81,7 @@ def test_a_diffusers_folder_loads_and_matches_diffusers(folder, tmp_path, layout
         os.symlink(path, tmp_path / "transformer")
         path = str(tmp_path)
     m, meta = load_model(path)
-    assert meta["kind"] == "pretrained" and meta["preset"] == "wan-tiny" and meta["sampler"]["steps"] == 50
+    assert meta["kind"] == "pretrained" and meta["preset"] == "wan-tiny"
     x, t, emb = inputs()
     assert rel_err(ours(m, x, t, emb), reference(d, x, t, emb)) <= 1e-5
 
@@ -124,6 +124,7 @@ def test_our_processor_inside_diffusers_equals_our_model(folder):
     assert rel_err(reference(d, x, t, emb), ours(m, x, t, emb)) <= 1e-5
     # with a gradient (the gather backend), and again after a plan change (the frame hook replaced, not added)
     wan.apply_mask_plan(d, [2])
+    assert len(d._forward_pre_hooks) == 1
     m.set_mask_plan([2])
     out = d(hidden_states=x, timestep=1000 * t, encoder_hidden_states=emb).sample
     out.square().mean().backward()
@@ -287,3 +288,30 @@ def test_the_recipe_runs_on_a_tiny_wan_from_a_diffusers_folder(folder, tmp_path)
     from PIL import Image, ImageSequence
     frames = list(ImageSequence.Iterator(Image.open(tmp_path / "w.gif")))
     assert len(frames) == 5 and frames[0].size == (48, 32)
+
+    # mistakes are one line each, found before any model loads
+    other = str(tmp_path / "other.safetensors")  # a model whose text width this pipeline's umT5 does not give
+    from model import DiT, model_config, save_model
+    o = DiT(model_config("wan-tiny", text_dim=24))
+    save_model(other, o.state_dict(), o.cfg, {"kind": "base", "video_shape": [16, 3, 8, 8]})
+    ckpt_dir = checkpoint.checkpoints(s3.run_dir)[-1]
+    (tmp_path / "a14b").mkdir()
+    (tmp_path / "a14b" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
+                                                                     "transformer_2": ["diffusers", "X"]}))
+    for args, message in [
+        (["--pipeline", pipe, "--checkpoint", other, "--prompt", "a cat"], "does not fit this model"),
+        (["--pipeline", pipe, "--prompt", "a cat", "--height", "40"], "multiples of 16"),
+        (["--pipeline", pipe, "--prompt", "a cat", "--negative-emb", prompt], "--negative-emb"),
+        (["--checkpoint", student, "--text-emb", prompt, "--negative-prompt", "x"], "--negative-prompt"),
+        (["--checkpoint", path, "--text-emb", prompt], "--negative-emb"),  # Wan itself samples with guidance
+        (["--checkpoint", ckpt_dir, "--text-emb", prompt], "ema.safetensors"),
+        (["--pipeline", str(tmp_path / "a14b"), "--prompt", "a cat"], "two-expert"),
+    ]:
+        r = subprocess.run([sys.executable, "sample.py", *args, "--out", str(tmp_path / "x.gif")], capture_output=True,
+                           text=True, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
+    with pytest.raises(ValueError, match="folder name without an extension"):
+        checkpoint.export(s3.run_dir, str(tmp_path / "student.pt"))
+    os.remove(data / "null.safetensors")  # guidance from a pretrained teacher needs its empty caption
+    with pytest.raises(ValueError, match="null.safetensors"):
+        train.train(cfg(1, f"init={path}", f"teacher={path}", "run_dir=" + str(tmp_path / "s1b"), *common))
