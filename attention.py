@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from cli import UserError, warn
+from cli import UserError, atomic_output, warn
 
 BLOCK_SIZE = 128  # FlexAttention's sparse block (query and key side)
 FULL = "full"
@@ -114,7 +114,7 @@ def save_plan(path: str, plan: list, num_frames: int, header: dict | None = None
     doc = {**(header or {}), "num_frames": num_frames, "mean_sparsity": round(sparsity, 4), "plan": list(plan)}
     if layers is not None:
         doc["layers"] = layers
-    with open(path, "w") as f:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(doc, f, sort_keys=False)
     return sparsity
 

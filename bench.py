@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cli import ArgumentParser, UserError, check_output_path, entry_point, first_line, positive_int
+from cli import (ArgumentParser, UserError, atomic_output, check_output_path, entry_point, first_line, fraction,
+                 positive_int)
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
                        save_plan, tile_attention, tile_block_mask, tile_dense_mask)
 
@@ -323,7 +324,7 @@ def bench_diffusers(model, x, text, args) -> tuple[list, torch.Tensor]:
         rows.append({"plan": "full", "sparsity%": 0.0, "ms": fmt(ms, 1), "backend": f"diffusers {how}",
                      "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
                      "compiled": how != "eager", **(split if args.profile else {})})
-    del d
+    d = None  # frees its weights before ours run
     torch._dynamo.reset()
     return rows, reference
 
@@ -507,7 +508,7 @@ def bench_sp(args):
                 torch.distributed.all_gather_object(comm, rows[-1]["comm_ms"])
                 rows[-1]["comm_ms_by_rank"] = "/".join(f"{c:.1f}" for c in comm)
     if env.is_main and args.json:
-        with open(args.json, "w") as f:
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump({"rows": rows}, f)
     parallel.cleanup()
     sys.exit(0)
@@ -686,9 +687,10 @@ def main(argv=None):
     p.add_argument("--fsdp", action="store_true", help="train: fsdp=true (FSDP2 over every rank)")
     p.add_argument("--checkpointing", action="store_true", help="train: activation checkpointing")
     p.add_argument("--skip-triton", action="store_true", help="attention: leave out flex on its Triton kernel")
-    p.add_argument("--latent-frames", type=int, nargs="*", default=[8, 24], help="attention: 8 (29f) and/or 24 (93f)")
+    p.add_argument("--latent-frames", type=positive_int, nargs="*", default=[8, 24],
+                   help="attention: 8 (29f) and/or 24 (93f)")
     p.add_argument("--depth", type=positive_int, default=None, help="model/e2e/sp: cut osp12 to this many layers")
-    p.add_argument("--sparsity", type=float, nargs="*", default=[0.45, 0.55],
+    p.add_argument("--sparsity", type=fraction, nargs="*", default=[0.45, 0.55],
                    help="model/e2e/sp: the mean sparsities of the plans timed beside full attention")
     p.add_argument("--repeat", type=positive_int, default=5)
     p.add_argument("--base-steps", type=positive_int, default=100)
@@ -714,7 +716,7 @@ def main(argv=None):
     rows = {"attention": bench_attention, "model": bench_model, "e2e": bench_e2e, "sp": bench_sp,
             "plans": bench_plans, "train": bench_train}[args.mode](args)
     if args.json:
-        with open(args.json, "w") as f:
+        with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump({**info, "mode": args.mode, "rows": rows}, f, indent=1)
 
 

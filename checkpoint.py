@@ -34,7 +34,7 @@ from dataclasses import asdict
 import torch
 
 import parallel
-from cli import UserError, atomic_output, check_output_path, first_line, warn
+from cli import UserError, WriteError, atomic_output, check_output_path, first_line, warn
 from model import DiT, ModelConfig, config_dict, load_model, read_metadata, save_model
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -132,13 +132,13 @@ class RunFolder:
         if everyone or self.env.is_main:
             try:
                 fn()
-            except (OSError, CheckpointException) as e:  # DCP's exception is a BaseException
+            except (OSError, WriteError, CheckpointException) as e:  # DCP's exception is a BaseException
                 if isinstance(e, CheckpointException):
                     e = next(iter(e.failures.values()))[0]
                 error = e
         if parallel.any_rank(error is not None, "cpu", self.env.cpu_group):
-            reason = (error.strerror or first_line(error)) if isinstance(error, OSError) else \
-                first_line(error) if error is not None else "failed on another rank"
+            reason = "failed on another rank" if error is None else error.reason if isinstance(error, WriteError) \
+                else (error.strerror or first_line(error)) if isinstance(error, OSError) else first_line(error)
             newest = checkpoints(self.dir)
             raise UserError(f"cannot write {what} {path!r}: {reason}. " + (
                 f"The checkpoints before it are intact ({os.path.basename(newest[-1])} is the newest): free the "
@@ -165,28 +165,32 @@ class RunFolder:
         def prepare():
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        self._together("checkpoint", final, prepare)  # the folder exists before any rank writes into it
-        if cfg.fsdp:
+
+        def write_weights():
+            state["optimizer"] = opt.state_dict()
+            save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
+            save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
+
+        def write_shards():  # every rank its own
             import torch.distributed.checkpoint as dcp
-            self._together("checkpoint", final, lambda: dcp.save(sharded_state(model, ema, opt),
-                                                                 checkpoint_id=os.path.join(tmp, "dcp")), True)
+            dcp.save(sharded_state(model, ema, opt), checkpoint_id=os.path.join(tmp, "dcp"))
             state["meta"] = {**meta, "model_config": config_dict(model.cfg)}
-        else:
-            def write_weights():
-                state["optimizer"] = opt.state_dict()
-                save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
-                save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
-            self._together("checkpoint", final, write_weights)
 
         def finish():
-            torch.save(state, os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:  # a Python file: a failed write is an OSError
+                torch.save(state, f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in checkpoints(self.dir)[: -cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         try:
+            self._together("checkpoint", final, prepare)  # the folder exists before any rank writes into it
+            if cfg.fsdp:
+                self._together("checkpoint", final, write_shards, everyone=True)
+            else:
+                self._together("checkpoint", final, write_weights)
             self._together("checkpoint", final, finish)
-        except UserError:
+        except UserError:  # no half checkpoint stays behind
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise

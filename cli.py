@@ -20,6 +20,14 @@ class UserError(ValueError):
     """A mistake in the user's input: the message names the input and says what to do."""
 
 
+class WriteError(UserError):
+    """A file that could not be written (a full disk, a quota, a file size limit, a permission): `reason` says why."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot write {path!r}: {reason}")
+        self.reason = reason
+
+
 def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -81,6 +89,7 @@ def _argument_type(parse, ok, expected: str):
 positive_int = _argument_type(int, lambda v: v >= 1, "an integer >= 1")
 seed_int = _argument_type(int, lambda v: 0 <= v < 2**63, "an integer in 0 .. 2**63 - 1")  # a random seed
 non_negative_float = _argument_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")  # no nan/inf
+fraction = _argument_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def check_output_path(path: str, extensions=None) -> str:
@@ -108,6 +117,7 @@ def atomic_output(path: str):
     (writers that pick a format by the extension still do), which replaces `path` when the block ends; on an error
     or an interrupt it is removed and an existing `path` is left as it was. A write that fails (a full disk, a quota,
     a file size limit, a permission) is one line naming `path`."""
+    path = os.fspath(path)
     root, ext = os.path.splitext(path.rstrip("/"))
     tmp = f"{root}.tmp-{os.getpid()}{ext}"
     try:
@@ -120,7 +130,11 @@ def atomic_output(path: str):
         else:
             os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path!r}: {e.strerror or first_line(e)}") from None
+        raise WriteError(path, e.strerror or first_line(e)) from None
+    except Exception as e:  # noqa: BLE001 - safetensors' own error wraps the I/O one
+        if "I/O error" not in str(e):
+            raise
+        raise WriteError(path, first_line(e).split("I/O error: ")[-1].split(" (os error")[0]) from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

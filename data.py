@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from cli import ArgumentParser, UserError, check_output_path, entry_point, positive_int
+from cli import ArgumentParser, UserError, atomic_output, check_output_path, entry_point, positive_int, seed_int
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -173,7 +173,8 @@ def write_shard(path, latents, captions=None, text_emb=None, text_mask=None):
         raise ValueError(f"all fields of shard {path} need the same leading size {n}")
     meta = None if captions is None else {"captions": json.dumps(list(captions))}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=meta)
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
 
 
 NULL_FILE = "null.safetensors"  # the empty caption's embedding, beside the shards
@@ -343,14 +344,15 @@ def to_uint8(video):
 
 def save_animation(frames, path: str, scale: int, duration_ms: int):
     """uint8 [T, H, W, 3] -> a video file by the extension: .mp4 (H.264 through PyAV) or an animated image Pillow
-    writes (.gif, .webp, ...), frames enlarged by nearest neighbour."""
+    writes (.gif, .webp, ...), frames enlarged by nearest neighbour; written whole or not at all."""
     from PIL import Image
     images = [to_image(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.lower().endswith(".mp4"):
-        save_mp4(images, path, round(1000 / duration_ms))
-        return
-    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
+    with atomic_output(path) as tmp:  # an interrupted or failed write leaves no partial file
+        if path.lower().endswith(".mp4"):
+            save_mp4(images, tmp, round(1000 / duration_ms))
+        else:
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
 
 
 def save_mp4(images, path: str, fps: int):
@@ -376,7 +378,7 @@ def main(argv=None):
     import time
     ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=positive_int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--gif", default=None, help="save the first 8 videos side by side as a GIF")
     args = ap.parse_args(argv)

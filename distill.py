@@ -37,7 +37,7 @@ from tqdm import tqdm
 import flow
 import parallel
 from attention import FULL, density, entry_num_ref, frame_mask, mask_label, save_plan, tile_attention
-from cli import UserError
+from cli import UserError, atomic_output
 from data import collate, open_dataset, to_image, validation_prompts
 from model import load_model
 
@@ -205,8 +205,8 @@ def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     os.makedirs(cfg.run_dir, exist_ok=True)
     for rec in records:
         rec["mean_sparsity"] = round(write_plan(rec["file"], rec["rows"], rec["threshold"], T), 4)
-    torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]},
-               os.path.join(cfg.run_dir, "search.pt"))
+    with atomic_output(os.path.join(cfg.run_dir, "search.pt")) as tmp:
+        torch.save({"errors": errors, "candidates": candidates, "tiles": probe.tiles / probe.count[:, None, None]}, tmp)
     layers = sorted({0, model.cfg.depth // 2, model.cfg.depth - 1})
     save_tile_maps_png(os.path.join(cfg.run_dir, "tile_maps.png"), probe.tiles, layers, records[0]["plan"])
     save_plan_png(os.path.join(cfg.run_dir, "plan.png"), records[0]["rows"], T)
@@ -251,7 +251,8 @@ def save_tile_maps_png(path, tiles, layers, plan, scale=12):
         img.paste(to_image(kept * 255).convert("RGB"), (x0, side + 2 * pad))
         draw.text((x0, 4), f"layer {layer}", fill="white")
         draw.text((x0, side + pad + 4), mask_label(plan[layer], T), fill="white")
-    img.save(path)
+    with atomic_output(path) as tmp:
+        img.save(tmp)
 
 
 def save_plan_png(path, rows, num_frames, scale=6):
@@ -266,7 +267,8 @@ def save_plan_png(path, rows, num_frames, scale=6):
         x0 = pad + i * (side + pad)
         img.paste(to_image(tile).convert("RGB"), (x0, 2 * pad + 12))
         draw.text((x0, 2), f"L{r['layer']} {r['mask']}", fill="white")
-    img.save(path)
+    with atomic_output(path) as tmp:
+        img.save(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,14 +18,15 @@ Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness bey
 """
 import itertools
 import json
+import os
 import re
 import time
 
 import torch
 import torch.nn.functional as F
 
-from cli import (ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int,
-                 seed_int)
+from cli import (ArgumentParser, UserError, atomic_output, check_output_path, entry_point, non_negative_float,
+                 positive_int, seed_int)
 from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
 
 ATTRS = ("colour", "shape", "direction")
@@ -180,6 +181,13 @@ def main(argv=None):
     evaluate_checkpoint(args)
 
 
+def append_line(path: str, line: str):
+    """Add a line to a JSON-lines file, whole or not at all (the file is rewritten through a temporary one)."""
+    old = open(path).read() if os.path.isfile(path) else ""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(old + line + "\n")
+
+
 def evaluate_checkpoint(args):
     import flow
     import parallel
@@ -212,8 +220,7 @@ def evaluate_checkpoint(args):
                f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
         print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
         if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(args.json, json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from tqdm import tqdm
 import flow
 import parallel
 from attention import describe_backend
-from cli import ArgumentParser, UserError, check_output_path, entry_point, non_negative_float, positive_int, seed_int
+from cli import (ArgumentParser, UserError, atomic_output, check_output_path, entry_point, non_negative_float,
+                 positive_int, seed_int)
 from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, read_null_text, save_animation,
                   to_uint8, unknown_words)
 from model import load_model, read_metadata
@@ -218,8 +219,9 @@ def main(argv=None):
         return
     if latents:
         from safetensors.torch import save_file
-        save_file({"latents": videos[0].float().cpu().contiguous()}, out,
-                  metadata={"checkpoint": args.checkpoint, "seed": str(args.seed), "steps": str(sampler["steps"])})
+        with atomic_output(out) as tmp:
+            save_file({"latents": videos[0].float().cpu().contiguous()}, tmp,
+                      metadata={"checkpoint": args.checkpoint, "seed": str(args.seed), "steps": str(sampler["steps"])})
     elif pipe is not None:
         save_gif(videos[0].float().cpu(), out, scale=1, fps=meta.get("fps", 16))
     else:

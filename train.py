@@ -9,10 +9,8 @@
 Rerunning a command resumes from the newest checkpoint in its run_dir. Every random draw of a sample (data,
 caption dropout, time, noise) comes from a generator seeded by (seed, step, the sample's place in the global
 batch), so a resumed run takes the same batches as an uninterrupted one, at any world size; torch's global RNG
-state is saved too. Checkpoints are folders run_dir/ckpt-NNNNNNN, written to a temporary folder and renamed, so a
-crash never leaves half a checkpoint: model.safetensors and ema.safetensors (config in the metadata) and state.pt
-(optimizer, step, RNG); under `fsdp: true`, the sharded model, EMA and optimizer in torch.distributed.checkpoint
-(DCP) format in dcp/, which resumes at any world size, and state.pt (step, RNG, metadata).
+state is saved too. The run folder (its lock, checkpoints, resume, log, SIGTERM / SIGUSR1 preemption and export) is
+checkpoint.py's: the loop calls one RunFolder.
 
 Scale: DDP by default; `fsdp: true` shards weights, gradients, optimizer state and the EMA over every rank with
 FSDP2 (bf16 weights in compute, fp32 gradient reduction and master weights); `sp_size` splits each sample's
@@ -21,7 +19,7 @@ teacher of stages 1 and 3 is kept whole in bf16 on every rank.
 
 Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any other value is a folder of
 safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
-(evaluate.py), the distillation objectives of later stages (distill.py).
+(evaluate.py), the distillation objectives of later stages (distill.py), the run folder (checkpoint.py).
 """
 import copy
 import hashlib
@@ -45,10 +43,11 @@ import parallel
 from attention import load_plan
 from cli import UserError, atomic_output, entry_point, warn
 from data import NULL_FILE, VOCABULARY, collate, moving_shapes_batch, open_dataset
-from model import DiT, load_model, model_config, num_params, read_metadata
+from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata
 
 
 STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
+INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
 # DCP reading or writing a checkpoint in one process (fsdp: true without torchrun) is what we mean to do
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -149,6 +148,39 @@ def _coerce(name, value, default):
     return value
 
 
+# every numeric key's range: (lowest, highest, whether each end is allowed); a list key: the range of its items
+_POSITIVE, _NON_NEGATIVE, _FRACTION = (0, math.inf, False, False), (0, math.inf, True, False), (0, 1, True, True)
+_AT_LEAST_1 = (1, math.inf, True, False)
+RANGES = {
+    "batch_size": _AT_LEAST_1, "micro_batch": _NON_NEGATIVE, "sp_size": _AT_LEAST_1, "steps": _NON_NEGATIVE,
+    "lr": _POSITIVE, "warmup": _NON_NEGATIVE, "min_lr_frac": _FRACTION, "weight_decay": _NON_NEGATIVE,
+    "betas": (0, 1, True, False), "grad_clip": _POSITIVE, "ema": (0, 1, True, False), "caption_dropout": _FRACTION,
+    "t_shift": _POSITIVE, "seed": (0, 2**63 - 1, True, True), "log_every": _AT_LEAST_1, "ckpt_every": _AT_LEAST_1,
+    "keep": _AT_LEAST_1, "max_minutes": _NON_NEGATIVE, "profile": _NON_NEGATIVE, "num_frames": _AT_LEAST_1,
+    "size": (4, math.inf, True, False), "synthetic_shape": _AT_LEAST_1, "sample_steps": _AT_LEAST_1,
+    "sample_cfg": _NON_NEGATIVE, "sample_shift": _POSITIVE, "segments": _AT_LEAST_1, "teacher_steps": _AT_LEAST_1,
+    "teacher_cfg": _NON_NEGATIVE, "huber_c": _POSITIVE, "threshold": _POSITIVE, "candidates": _AT_LEAST_1,
+    "calib_prompts": _AT_LEAST_1, "calib_seeds": _AT_LEAST_1, "sweep": _POSITIVE, "kd_output_weight": _NON_NEGATIVE,
+    "kd_attn_weight": _NON_NEGATIVE,
+}
+
+
+def check_ranges(cfg: TrainConfig):
+    """Every numeric key within its range (RANGES), and finite: one line naming the key and the range."""
+    for key, (lo, hi, lo_ok, hi_ok) in RANGES.items():
+        value = getattr(cfg, key)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            inside = isinstance(v, int if key in ("candidates", "synthetic_shape") else (int, float)) and \
+                not isinstance(v, bool) and math.isfinite(v) and (lo < v or (lo_ok and v == lo)) and \
+                (v < hi or (hi_ok and v == hi))
+            if not inside:
+                span = f"{'[' if lo_ok else '('}{lo}, {'inf' if hi == math.inf else hi}{']' if hi_ok else ')'}"
+                raise UserError(f"{key} must be in {span}{' (each item)' if isinstance(value, (list, tuple)) else ''}, "
+                                f"got {value!r}")
+    if len(cfg.synthetic_shape) != 4 or len(cfg.betas) != 2:
+        raise UserError(f"synthetic_shape is [C, T, H, W] and betas a pair, got {cfg.synthetic_shape} and {cfg.betas}")
+
+
 def make_config(values: dict) -> TrainConfig:
     defaults = TrainConfig()
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
@@ -157,9 +189,7 @@ def make_config(values: dict) -> TrainConfig:
         raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
     model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
-    if cfg.batch_size < 1 or cfg.steps < 0 or cfg.log_every < 1 or cfg.ckpt_every < 1 or cfg.micro_batch < 0 \
-            or cfg.profile < 0:
-        raise UserError("batch_size, log_every and ckpt_every must be >= 1, steps, micro_batch and profile >= 0")
+    check_ranges(cfg)
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
     if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
@@ -207,6 +237,14 @@ def check_inputs(cfg: TrainConfig):
             except UserError as e:
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
+    if cfg.stage in (1, 3) and cfg.init and cfg.teacher:  # the teacher must read what the student reads
+        student, teacher = (config_dict(ModelConfig(**read_metadata(p)["model_config"])) for p in (cfg.init, cfg.teacher))
+        keys = INPUT_KEYS if cfg.stage == 1 else [k for k in student if k not in ("mask_plan", "attn_backend")]
+        differ = [f"{k} {teacher[k]} vs {student[k]}" for k in keys if teacher[k] != student[k]]
+        if differ:
+            raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} ({'; '.join(differ)}): "
+                            + ("stage 3 pairs their layers one to one" if cfg.stage == 3 else
+                               "stage 1's teacher must read the student's latents and text"))
     pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
     uses_null = cfg.caption_dropout > 0 or (cfg.stage == 1 and cfg.teacher_cfg != 1)
     if pretrained and uses_null and cfg.data != "shapes" and not os.path.isfile(os.path.join(cfg.data, NULL_FILE)):

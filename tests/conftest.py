@@ -59,3 +59,19 @@ def train_killed_at(monkeypatch, cfg, step):
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
     monkeypatch.setattr(train, "get_batch", real)
+
+
+def gif_frames(path):
+    """The frames of an animated GIF as uint8 [T, H, W, 3]."""
+    import numpy as np
+    from PIL import Image, ImageSequence
+    return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(Image.open(path))])
+
+
+def assert_frames_close(got, want, what=""):
+    """Decoded frames equal up to what another CPU or thread count changes (a level or two where a float lands on
+    the other side of a rounding or palette boundary), not up to a changed model, sampler or prompt."""
+    import numpy as np
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 4 and diff.mean() <= 0.1, f"{what}: frames differ by up to {diff.max()} levels, mean {diff.mean():.3f}"

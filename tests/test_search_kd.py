@@ -65,10 +65,10 @@ def test_all_full_plan_reproduces_the_stage1_model(student):
 def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     s2 = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), [
         f"run_dir={tmp_path / 's2'}", f"init={student}", "calib_prompts=2", "calib_seeds=1", "threshold=0.4",
-        "sweep=[0.4, 1000.0, -1.0]"])
+        "sweep=[0.4, 1000.0, 1.0e-9]"])
     records = train.train(s2)  # one per threshold: r = 0.4, then the sweep's
-    assert [r["threshold"] for r in records] == [0.4, 0.4, 1000.0, -1.0]
-    assert [r["threshold"] for r in read_log(tmp_path / "s2")] == [0.4, 0.4, 1000.0, -1.0]
+    assert [r["threshold"] for r in records] == [0.4, 0.4, 1000.0, 1e-9]
+    assert [r["threshold"] for r in read_log(tmp_path / "s2")] == [0.4, 0.4, 1000.0, 1e-9]
     for name in ("plan.yaml", "tile_maps.png", "plan.png"):
         assert os.path.getsize(tmp_path / "s2" / name) > 0
     plan = load_plan(str(tmp_path / "s2" / "plan.yaml"))
@@ -76,7 +76,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     # the sweep's plans come from the same measurements: r = threshold again, anything goes, nothing goes
     assert load_plan(str(tmp_path / "s2" / "plan-r0.4.yaml")) == plan
     assert load_plan(str(tmp_path / "s2" / "plan-r1000.0.yaml")) == [1, 1, 1]
-    assert load_plan(str(tmp_path / "s2" / "plan-r-1.0.yaml")) == ["full"] * 3
+    assert load_plan(str(tmp_path / "s2" / "plan-r1e-09.yaml")) == ["full"] * 3
 
     # stage 3 (on one fixed batch) with a plan sparse in every layer
     (tmp_path / "plan.yaml").write_text("plan: [1, 1, 2]\n")

@@ -3,6 +3,7 @@ shard data path, export and sample.py."""
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
@@ -74,6 +75,46 @@ def test_config_validation(tmp_path):
         train.load_config(str(tmp_path / "none.yaml"))
     cfg = train.load_config(CONFIG, ["steps=7", "model_args.depth=3", "lr=1e-3"])
     assert cfg.steps == 7 and cfg.model_args == {"depth": 3} and cfg.lr == 1e-3
+
+
+@pytest.mark.parametrize("override", [
+    "batch_size=0", "micro_batch=-1", "steps=-1", "lr=0", "lr=-1e-4", "warmup=-1", "ema=1", "ema=-0.1", "keep=0",
+    "ckpt_every=0", "log_every=0", "sp_size=0", "threshold=0", "candidates=[0, 2]", "candidates=[1.5]",
+    "kd_attn_weight=-1", "kd_output_weight=-0.5", "weight_decay=-1", "grad_clip=0", "betas=[0.9, 1.0]",
+    "caption_dropout=1.5", "min_lr_frac=2", "t_shift=0", "max_minutes=-1", "sample_steps=0", "sample_shift=0",
+    "huber_c=0", "sweep=[0.1, -0.2]", "calib_prompts=0", "segments=0", "seed=-1", "lr=.nan", "lr=.inf",
+    "synthetic_shape=[4, 0, 8, 8]", "profile=-1"])
+def test_every_numeric_key_is_checked_against_its_range(override):
+    """A value out of range is one line naming the key (and is never taken)."""
+    with pytest.raises(ValueError, match=override.split("=")[0] + " must be in"):
+        train.load_config(CONFIG, [override])
+
+
+def test_every_numeric_key_has_a_range_and_the_bounds_that_are_allowed_pass():
+    numeric = {f.name for f in fields(train.TrainConfig) if f.name != "stage" and not isinstance(f.default, bool)
+               and (isinstance(f.default, (int, float)) or f.name in ("betas", "candidates", "sweep", "synthetic_shape"))}
+    assert numeric == set(train.RANGES)  # a new key gets a range
+    train.load_config(CONFIG, ["ema=0", "caption_dropout=1", "min_lr_frac=0", "warmup=0", "micro_batch=0",
+                               "kd_attn_weight=0", "seed=0", "steps=0"])
+
+
+def test_a_teacher_of_another_model_is_one_line(tmp_path):
+    init = tiny_checkpoint(tmp_path / "a.safetensors", {"kind": "base", "video_shape": [3, 4, 16, 16]})
+    deeper = tiny_checkpoint(tmp_path / "b.safetensors", {"kind": "base", "video_shape": [3, 4, 16, 16]}, depth=3)
+    wider = tiny_checkpoint(tmp_path / "c.safetensors", {"kind": "base", "video_shape": [3, 4, 16, 16]}, text_dim=32)
+    (tmp_path / "plan.yaml").write_text("plan: [1]\n")
+    s3 = os.path.join(ROOT, "configs", "stage3.yaml")
+    with pytest.raises(ValueError, match="depth 3 vs 2.*pairs their layers"):
+        train.train(train.load_config(s3, [f"init={init}", f"teacher={deeper}", f"plan={tmp_path / 'plan.yaml'}",
+                                           f"run_dir={tmp_path / 'r'}"]))
+    s1 = os.path.join(ROOT, "configs", "stage1.yaml")
+    with pytest.raises(ValueError, match="text_dim 32 vs 64.*latents and text"):
+        train.train(train.load_config(s1, [f"init={init}", f"teacher={wider}", f"run_dir={tmp_path / 'r'}"]))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for key in ("init", "teacher"):
+        with pytest.raises(ValueError, match=f"{key}: .*notes.txt.* is not a readable safetensors checkpoint"):
+            train.train(train.load_config(s1, [f"init={init}", f"{key}={tmp_path / 'notes.txt'}",
+                                               f"run_dir={tmp_path / 'r'}"]))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -332,5 +373,5 @@ def test_profile_longer_than_the_run_traces_the_steps_there_are(tmp_path):
     before = os.path.getmtime(path)
     train.train(cfg)  # nothing left to run
     assert os.path.getmtime(path) == before
-    with pytest.raises(ValueError, match="profile >= 0"):
+    with pytest.raises(ValueError, match="profile must be in"):
         cfg_for(tmp_path, "profile=-1")

@@ -1,25 +1,23 @@
-"""Behaviour pinned across refactors: the shipped checkpoints' GIFs and a stage-2 search on the shipped student,
-against values recorded from the code before the 2026-11-27 restructuring (CPU, torch 2.13)."""
-import hashlib
+"""Behaviour pinned across refactors: the shipped checkpoints' videos and a stage-2 search on the shipped student,
+against values recorded from the code before the 2026-11-27 restructuring (CPU, torch 2.13). Compared as decoded
+frames and numbers with a tolerance that holds on any x86-64 CPU and thread count, never as bytes: the frames in
+tests/data/shipped_frames.npz were recorded on 2026-12-01 (Intel Xeon, 2 threads) by code whose float outputs equal
+the 2026-11-27 code's bit for bit there; a 1e-3 perturbation of a video moves no decoded GIF pixel by more than one
+level, a changed model or sampler moves most of them."""
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 import train
 from attention import load_plan
+from conftest import assert_frames_close, gif_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-GIFS = [  # (model, prompt, first 16 hex digits of the GIF's sha256), each with --steps 4 --seed 0
-    ("efficient", "a red circle moving right", "12bf04300899f202"),
-    ("efficient", "a cyan triangle moving up", "299f082ccd4e656c"),
-    ("efficient", "a white square moving down", "80abf4764d6a0302"),
-    ("mlcd", "a cyan triangle moving up", "723da18fa7dc5105"),
-    ("base", "a white square moving down", "894dc409baf93c10"),
-]
+FRAMES = os.path.join(ROOT, "tests", "data", "shipped_frames.npz")  # "model|prompt" -> uint8 [T, 32, 32, 3]
 
 # calib_prompts=2, calib_seeds=1, candidates [1, 2, 4] on checkpoints/mlcd.safetensors: relative L2 per layer
 SEARCH_ERRORS = [
@@ -34,17 +32,22 @@ SEARCH_ERRORS = [
 ]
 
 
-def test_shipped_checkpoints_give_the_same_gif_bytes(tmp_path):
-    def sample(case):
-        name, prompt, _ = case
+def test_shipped_checkpoints_give_the_same_videos(tmp_path):
+    """sample.py --steps 4 --seed 0 on each shipped checkpoint: the GIF's frames (enlarged 8 x by nearest
+    neighbour, so every 8th pixel is one of the model's) against the recorded ones."""
+    reference = np.load(FRAMES)
+
+    def sample(key):
+        name, prompt = key.split("|")
         out = tmp_path / f"{name}-{prompt.replace(' ', '_')}.gif"
         r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model", name, "--prompt", prompt,
                             "--steps", "4", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        return hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+        return gif_frames(out)[:, ::8, ::8]
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(sample, GIFS))
-    assert got == [want for *_, want in GIFS]
+        got = dict(zip(reference.files, pool.map(sample, reference.files)))
+    for key in reference.files:
+        assert_frames_close(got[key], reference[key], key)
 
 
 def test_stage2_search_on_the_shipped_student_is_unchanged(tmp_path):
@@ -53,5 +56,5 @@ def test_stage2_search_on_the_shipped_student_is_unchanged(tmp_path):
         "candidates=[1, 2, 4]", "sweep=[]", "threshold=0.4"])
     train.train(cfg)
     search = torch.load(tmp_path / "search.pt", weights_only=True)
-    torch.testing.assert_close(search["errors"], torch.tensor(SEARCH_ERRORS, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(search["errors"], torch.tensor(SEARCH_ERRORS, dtype=torch.float64), rtol=1e-4, atol=0)
     assert load_plan(str(tmp_path / "plan.yaml")) == [1, 2, 1, 1, 1, 1, 1, 1]

@@ -1,0 +1,252 @@
+"""The faults of a shared cluster, each against an uninterrupted run or the files as they were: SIGTERM (alone and
+under torchrun, DDP and fsdp) checkpoints the step reached and the rerun resumes it with each step logged once; a
+write that fails (a file size limit standing in for a full disk) is one line and leaves the checkpoints before it
+valid; a killed torchrun worker ends the job and the rerun (also at another process count) reaches the same losses;
+a run folder in use refuses a second run, a dead run's lock does not; broken or disagreeing data shards are one line
+naming them; outputs are whole or absent; Ctrl-C is one line and status 130."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from conftest import read_log
+from data import ShardDataset, write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "stage0.yaml")
+# min_lr_frac=1: a constant rate after warmup, so a run started for 500 steps and stopped takes the same steps as one
+# started for fewer (the cosine decay reads `steps`)
+TINY = ["model=tiny", "batch_size=4", "log_every=1", "warmup=1", "min_lr_frac=1", "compile=false", "num_frames=4",
+        "size=16"]
+
+
+def command(run_dir, *overrides, nproc=1, port=None):
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    return launcher + [os.path.join(ROOT, "train.py"), CONFIG, f"run_dir={run_dir}", *TINY, *overrides]
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), cwd=ROOT, **kw)
+
+
+def start_and_wait(cmd, run_dir, lines: int):
+    """Start cmd and return it once its log holds `lines` records."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+    log = os.path.join(run_dir, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if os.path.isfile(log) and len(open(log).read().splitlines()) >= lines:
+            return p
+        time.sleep(0.2)
+    p.kill()
+    raise AssertionError(f"the run did not log {lines} steps: {p.communicate()[1][-2000:]}")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_log(run_dir)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preemption
+
+@pytest.mark.parametrize("nproc, fsdp", [(1, False), (2, False), (2, True)])
+def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes(tmp_path, nproc, fsdp):
+    run_dir = str(tmp_path / "run")
+    extra = ["steps=500", "ckpt_every=1000", f"fsdp={str(fsdp).lower()}"]
+    p = start_and_wait(command(run_dir, *extra, nproc=nproc, port=free_port()), run_dir, 3)
+    p.send_signal(signal.SIGTERM)  # torchrun passes it on to every worker, as SLURM's scancel does
+    out, err = p.communicate(timeout=120)
+    steps = [r["step"] for r in read_log(run_dir)]
+    n = steps[-1]
+    assert steps == list(range(1, n + 1)) and "SIGTERM received: stopped after step" in out, err[-2000:]
+    assert [os.path.basename(c) for c in checkpoint.checkpoints(run_dir)] == [f"ckpt-{n:07d}"]  # all ranks agreed
+    if nproc == 1:
+        assert p.returncode == 0
+    r = run(command(run_dir, *extra[1:], f"steps={n + 2}", nproc=nproc, port=free_port()))
+    assert r.returncode == 0 and f"resumed from {run_dir}/ckpt-{n:07d}" in r.stdout, r.stderr[-2000:]
+    assert [s["step"] for s in read_log(run_dir)] == list(range(1, n + 3))  # each step once
+    if nproc == 1:  # the same losses as a run that was never stopped
+        straight = str(tmp_path / "straight")
+        assert run(command(straight, f"steps={n + 2}", "ckpt_every=1000")).returncode == 0
+        assert losses(straight) == losses(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failed writes
+
+def one_error_line(stderr: str) -> str:
+    """The one `error:` line of a command's stderr (progress bars aside), with no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return errors[0]
+
+
+def limited(max_bytes: int):
+    """A child process in which no file grows beyond max_bytes (EFBIG, as a full disk or a quota gives ENOSPC)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert run(command(run_dir, "steps=2", "ckpt_every=2")).returncode == 0
+    r = run(command(run_dir, "steps=4", "ckpt_every=2"), preexec_fn=limited(64 * 1024))
+    line = one_error_line(r.stderr)
+    assert r.returncode == 2 and "cannot write checkpoint" in line and "ckpt-0000004': File too large." in line
+    assert "ckpt-0000002 is the newest" in line
+    assert [os.path.basename(c) for c in checkpoint.checkpoints(run_dir)] == ["ckpt-0000002"]
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp")]  # no half checkpoint left
+    assert run(command(run_dir, "steps=4", "ckpt_every=2")).returncode == 0  # the disk freed: it resumes
+    assert [s["step"] for s in read_log(run_dir)] == [1, 2, 3, 4]
+    straight = str(tmp_path / "straight")
+    assert run(command(straight, "steps=4", "ckpt_every=2")).returncode == 0
+    assert losses(straight) == losses(run_dir)
+
+
+def test_failed_output_writes_leave_the_old_file_and_no_partial_one(tmp_path):
+    gif = tmp_path / "v.gif"
+    gif.write_bytes(b"an older video")
+    r = run([sys.executable, "sample.py", "--prompt", "a red circle moving right", "--out", str(gif)],
+            preexec_fn=limited(16 * 1024))
+    assert r.returncode == 2 and "cannot write" in one_error_line(r.stderr) and "v.gif" in r.stderr
+    assert gif.read_bytes() == b"an older video" and os.listdir(tmp_path) == ["v.gif"]
+    run_dir = str(tmp_path / "run")
+    assert run(command(run_dir, "steps=2", "ckpt_every=2")).returncode == 0
+    out = tmp_path / "w.safetensors"
+    r = run([sys.executable, "train.py", CONFIG, f"run_dir={run_dir}", *TINY, "--export", str(out)],
+            preexec_fn=limited(64 * 1024))
+    assert r.returncode == 2 and "w.safetensors': File too large" in one_error_line(r.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["run", "v.gif"]
+
+
+def test_ctrl_c_is_one_line_and_status_130_with_nothing_written(tmp_path):
+    out = tmp_path / "base.gif"
+    p = subprocess.Popen([sys.executable, "sample.py", "--model", "base", "--prompt", "a red circle moving right",
+                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env=clean_env())
+    time.sleep(8)  # the base model samples 50 guided steps: well inside them
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip() and "sampling" not in line]
+    assert p.returncode == 130 and lines == ["interrupted"], err[-2000:]
+    assert not os.listdir(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A rank dies
+
+def workers(launcher_pid: int) -> dict:
+    """{rank: pid} of a torchrun launcher's worker processes."""
+    out = {}
+    for tid in os.listdir(f"/proc/{launcher_pid}/task"):
+        for child in open(f"/proc/{launcher_pid}/task/{tid}/children").read().split():
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{child}/environ").read().split("\0") if "=" in kv)
+            if "RANK" in env:
+                out[int(env["RANK"])] = int(child)
+    return out
+
+
+@pytest.mark.parametrize("fsdp, rerun_nproc", [(False, 2), (True, 1)])
+def test_a_killed_worker_ends_the_job_and_the_rerun_reaches_the_same_losses(tmp_path, fsdp, rerun_nproc):
+    run_dir = str(tmp_path / "run")
+    extra = ["ckpt_every=2", f"fsdp={str(fsdp).lower()}"]
+    p = start_and_wait(command(run_dir, "steps=500", *extra, nproc=2, port=free_port()), run_dir, 3)
+    os.kill(workers(p.pid)[1], signal.SIGKILL)
+    t0 = time.time()
+    p.communicate(timeout=120)  # no hang: the job ends
+    assert p.returncode != 0 and time.time() - t0 < 90
+    done = len(read_log(run_dir))
+    target = done + 3
+    r = run(command(run_dir, f"steps={target}", *extra, nproc=rerun_nproc, port=free_port()))
+    assert r.returncode == 0, r.stderr[-2000:]
+    straight = str(tmp_path / "straight")
+    assert run(command(straight, f"steps={target}", *extra, nproc=2, port=free_port())).returncode == 0
+    a, b = losses(straight), losses(run_dir)
+    assert sorted(b) == list(range(1, target + 1))
+    assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One writer per run folder
+
+def test_a_run_folder_in_use_refuses_a_second_run_and_a_dead_runs_lock_does_not(tmp_path):
+    import fcntl
+    cfg = train.load_config(CONFIG, [f"run_dir={tmp_path / 'run'}", *TINY, "steps=1"])
+    os.makedirs(cfg.run_dir)
+    lock = os.path.join(cfg.run_dir, ".lock")
+    with open(lock, "w") as held:
+        held.write("process 4242 on node-7")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="in use by process 4242 on node-7"):
+            train.train(cfg)
+        assert not checkpoint.checkpoints(cfg.run_dir)
+    # the holder is gone (its lock file stays, unlocked): nothing to clean up by hand
+    assert [r["step"] for r in train.train(cfg)] == [1]
+    r = run([sys.executable, "train.py", CONFIG, f"run_dir={cfg.run_dir}", *TINY, "steps=2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data shards
+
+def shard(folder, name, n=3, C=4, **fields):
+    latents = fields.pop("latents", torch.randn(n, C, 2, 8, 8))
+    text = {"text_emb": torch.randn(n, 5, 16), "text_mask": torch.ones(n, 5, dtype=torch.bool)}
+    write_shard(str(folder / name), latents, **{**text, **fields})
+
+
+@pytest.mark.parametrize("case, message", [
+    ("truncated", "shard-00001.safetensors is truncated or not safetensors"),
+    ("keys", "shard-00001.safetensors disagrees.*text_emb"),
+    ("shape", r"shard-00001.safetensors disagrees.*latents \(\(4, 3, 8, 8\)"),
+    ("dtype", "shard-00001.safetensors disagrees.*BF16"),
+    ("nan latents", "shard-00001.safetensors item 2: its latents hold nan or inf"),
+    ("inf text", "shard-00001.safetensors item 0: its text_emb hold nan or inf"),
+])
+def test_broken_or_disagreeing_shards_are_one_line_naming_them(tmp_path, case, message):
+    shard(tmp_path, "shard-00000.safetensors")
+    bad = torch.randn(3, 4, 2, 8, 8)
+    if case == "truncated":
+        shard(tmp_path, "shard-00001.safetensors")
+        path = tmp_path / "shard-00001.safetensors"
+        path.write_bytes(path.read_bytes()[:-100])
+    elif case == "keys":
+        write_shard(str(tmp_path / "shard-00001.safetensors"), bad)
+    elif case == "shape":
+        shard(tmp_path, "shard-00001.safetensors", latents=torch.randn(3, 4, 3, 8, 8))
+    elif case == "dtype":
+        shard(tmp_path, "shard-00001.safetensors", latents=bad.bfloat16())
+    elif case == "nan latents":
+        bad[2, 1, 0, 3, 3] = float("nan")
+        shard(tmp_path, "shard-00001.safetensors", latents=bad)
+    else:
+        emb = torch.randn(3, 5, 16)
+        emb[0, 4, 2] = float("inf")
+        shard(tmp_path, "shard-00001.safetensors", text_emb=emb)
+    with pytest.raises(ValueError, match=message):
+        ShardDataset(str(tmp_path))
+    r = run([sys.executable, "train.py", CONFIG, f"run_dir={tmp_path / 'run'}", f"data={tmp_path}", *TINY,
+             "model_args.in_channels=4", "model_args.text_encoder=none", "model_args.text_dim=16", "steps=1"])
+    assert r.returncode == 2 and "shard-00001" in one_error_line(r.stderr)
