@@ -250,3 +250,38 @@ def test_broken_or_disagreeing_shards_are_one_line_naming_them(tmp_path, case, m
     r = run([sys.executable, "train.py", CONFIG, f"run_dir={tmp_path / 'run'}", f"data={tmp_path}", *TINY,
              "model_args.in_channels=4", "model_args.text_encoder=none", "model_args.text_dim=16", "steps=1"])
     assert r.returncode == 2 and "shard-00001" in one_error_line(r.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Outputs whole or absent; inputs that are not ours
+
+def test_atomic_output_replaces_only_when_whole(tmp_path):
+    from cli import atomic_output
+    from evaluate import append_line
+    path = tmp_path / "rows.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_output(str(path)) as tmp, open(tmp, "w") as f:
+        f.write("half")
+        raise RuntimeError("interrupted mid-write")
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["rows.jsonl"]
+    append_line(str(path), "new")
+    assert path.read_text() == "old\nnew\n" and os.listdir(tmp_path) == ["rows.jsonl"]
+    folder = tmp_path / "export"  # a folder replaces a folder
+    folder.mkdir()
+    (folder / "a").write_text("1")
+    with atomic_output(str(folder)) as tmp:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "b"), "w") as f:
+            f.write("2")
+    assert os.listdir(folder) == ["b"] and sorted(os.listdir(tmp_path)) == ["export", "rows.jsonl"]
+
+
+def test_files_that_are_not_ours_are_one_line_naming_them(tmp_path):
+    from safetensors.torch import save_file
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    for path, what in [(text, "not a readable safetensors checkpoint"), (foreign, "has no model_config")]:
+        r = run([sys.executable, "sample.py", "--checkpoint", str(path), "--prompt", "a red circle moving right"])
+        assert r.returncode == 2 and what in one_error_line(r.stderr) and path.name in r.stderr
