@@ -386,6 +386,15 @@ def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
     return out.flatten(2, 3)
 
 
+def backend_name(name: str) -> str:
+    """A backend as a user or an older checkpoint names it ("tile" is now "gather", "flex" is "auto") -> one of
+    BACKENDS, or a one-line error."""
+    name = {"tile": "gather", "flex": "auto"}.get(name, name)
+    if name not in BACKENDS:
+        raise UserError(f"attn_backend {name!r}: use one of {', '.join(BACKENDS)}")
+    return name
+
+
 @torch.compiler.assume_constant_result  # decided once per kind of input; a compiled block bakes it in
 def choose_backend(backend: str, device: str, dtype: str, head_dim: int, needs_grad: bool) -> str:
     """The kernel family for a layer's inputs (dtype as str(torch.dtype)). "auto": FA4 ("flash") where it runs,

@@ -173,7 +173,7 @@ def bench_config(tiny: bool, depth: int | None = None, preset: str = "osp12"):
     else:
         cfg = model_config(preset)
     if depth:
-        cfg.depth, cfg.mask_plan = depth, cfg.mask_plan[:1] * depth
+        cfg.depth = depth
     return cfg
 
 
@@ -194,10 +194,9 @@ def bench_model_inputs(args, dev, dtype):
     from model import DiT
     cfg = bench_config(args.tiny, args.depth, args.model)
     text_len = 8 if args.tiny else 512 if args.model.startswith("wan") else 300
-    cfg.attn_backend = args.backend[0]
     torch.manual_seed(0)
     with torch.device(dev):
-        model = DiT(cfg).to(dtype).eval()
+        model = DiT(cfg, attn_backend=args.backend[0]).to(dtype).eval()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.02)
@@ -269,11 +268,6 @@ def profile_split(call):
     return {k: fmt(v, 1) for k, v in split.items()}
 
 
-def set_backend(model, backend):
-    for block in model.blocks:
-        block.attn.backend = backend
-
-
 def kernel_line(model, backend, args) -> str:
     import attention
     p = next(model.parameters())
@@ -340,7 +334,7 @@ def bench_model(args):
     T = x.shape[2] // model.cfg.patch_size[0]
     rows, reference = bench_diffusers(model, x, text, args) if args.diffusers else ([], None)
     for backend in args.backend:
-        set_backend(model, backend)
+        model.set_attn_backend(backend)
         print(f"attention ({backend}): {kernel_line(model, backend, args)}")
         first = len(rows)
         for name, (plan, sparsity) in model_plans(T, model.cfg.depth, args.sparsity).items():
@@ -406,7 +400,7 @@ def bench_e2e(args):
         ("student", args.student_steps, False, p, b) for b in args.backend for p in plans]
     rows, seconds = [], []  # seconds unrounded: a tiny CPU run's s/video rounds to 0.00
     for name, steps, cfg, plan_name, backend in recipes:
-        set_backend(model, backend)
+        model.set_attn_backend(backend)
         model.set_mask_plan(plans[plan_name][0])
         torch._dynamo.reset()
         ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
@@ -553,7 +547,7 @@ def bench_train(args):
     preset = ("wan-tiny" if args.model.startswith("wan") else "osp12") if args.tiny else args.model
     base = model_config(preset)
     model_args = {f.name: getattr(cfg, f.name) for f in fields(cfg)  # what differs from the preset (a cut depth)
-                  if f.name not in ("mask_plan", "attn_backend") and getattr(cfg, f.name) != getattr(base, f.name)}
+                  if getattr(cfg, f.name) != getattr(base, f.name)}
     rows = []
     for stage in args.stages:
         init = []
@@ -561,7 +555,7 @@ def bench_train(args):
             init_path = os.path.join(work, "init.safetensors")
             if not os.path.exists(init_path):
                 m = DiT(cfg)
-                save_model(init_path, m.state_dict(), m.cfg, {"kind": "mlcd", "video_shape": shape,
+                save_model(init_path, m, {"kind": "mlcd", "video_shape": shape,
                            "sampler": {"name": "euler", "steps": INIT_STEPS, "cfg": 1.0, "shift": 1.0}}, dtype=torch.bfloat16)
                 del m
             init = [f"init={init_path}", f"teacher={init_path}"] + ([f"plan={plan_file}"] if stage == 3 else [])

@@ -35,7 +35,8 @@ import torch
 
 import parallel
 from cli import UserError, WriteError, atomic_output, check_output_path, first_line, warn
-from model import DiT, ModelConfig, config_dict, load_model, read_metadata, save_model
+from attention import FULL, expand_plan
+from model import DiT, ModelConfig, config_dict, load_model, normalize_metadata, read_metadata, save_model
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -168,13 +169,13 @@ class RunFolder:
 
         def write_weights():
             state["optimizer"] = opt.state_dict()
-            save_model(os.path.join(tmp, "model.safetensors"), model.state_dict(), model.cfg, meta)
-            save_model(os.path.join(tmp, "ema.safetensors"), ema.state_dict(), model.cfg, meta)
+            save_model(os.path.join(tmp, "model.safetensors"), model, meta)
+            save_model(os.path.join(tmp, "ema.safetensors"), ema, meta)
 
         def write_shards():  # every rank its own
             import torch.distributed.checkpoint as dcp
             dcp.save(sharded_state(model, ema, opt), checkpoint_id=os.path.join(tmp, "dcp"))
-            state["meta"] = {**meta, "model_config": config_dict(model.cfg)}
+            state["meta"] = {**meta, "model_config": config_dict(model.cfg), **model.run_settings()}
 
         def finish():
             with open(os.path.join(tmp, "state.pt"), "wb") as f:  # a Python file: a failed write is an OSError
@@ -216,7 +217,7 @@ class RunFolder:
         for path in reversed(checkpoints(self.dir)):
             self._ranks_agree(int(os.path.basename(path)[5:]))  # before any collective load
             try:
-                state, weights, ema_weights, model_config = read_checkpoint(path)
+                state, weights, ema_weights, saved_meta = read_checkpoint(path)
                 error = None
             except Exception as e:  # noqa: BLE001 - a file that does not read means: take the checkpoint before
                 error = e
@@ -225,9 +226,11 @@ class RunFolder:
                 continue
             # a key added since the checkpoint was written has its default (and an old value its current spelling)
             saved = {**asdict(type(cfg)()), **state["config"]}
-            saved_model = config_dict(ModelConfig(**model_config))
-            changed = differences(saved, asdict(cfg), self.run_keys) + differences(
-                saved_model, config_dict(model.cfg), ("attn_backend",), "model ")  # the plan file's content too
+            saved_cfg = ModelConfig(**saved_meta["model_config"])
+            saved_model = {**config_dict(saved_cfg), "mask_plan": expand_plan(saved_meta.get("mask_plan", FULL),
+                                                                               saved_cfg.depth)}
+            changed = differences(saved, asdict(cfg), self.run_keys) + differences(  # the plan file's content too
+                saved_model, {**config_dict(model.cfg), "mask_plan": model.mask_plan}, prefix="model ")
             if changed:
                 raise UserError(f"{self.dir!r} holds a run of another config ({'; '.join(changed)}): use another "
                                 f"run_dir, or the config it was started with")
@@ -311,9 +314,9 @@ def differences(saved: dict, now: dict, skip=(), prefix="") -> list[str]:
 
 
 def read_checkpoint(path) -> tuple[dict, dict | None, dict | None, dict]:
-    """-> (state, model weights, EMA weights, model config) of a checkpoint folder (the weights None for a DCP
-    one, which load_sharded reads); raises whatever reading its files raises (missing, truncated, corrupt, or a
-    state.pt holding more than tensors and plain data)."""
+    """-> (state, model weights, EMA weights, metadata: model config, run settings, kind, ...) of a checkpoint folder
+    (the weights None for a DCP one, which load_sharded reads); raises whatever reading its files raises (missing,
+    truncated, corrupt, or a state.pt holding more than tensors and plain data)."""
     from safetensors.torch import load_file
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
@@ -323,10 +326,9 @@ def read_checkpoint(path) -> tuple[dict, dict | None, dict | None, dict]:
     if "meta" in state:  # fsdp: the weights are DCP shards
         if not os.path.isfile(os.path.join(path, "dcp", ".metadata")):
             raise FileNotFoundError("dcp/.metadata is missing")
-        return state, None, None, state["meta"]["model_config"]
+        return state, None, None, normalize_metadata(state["meta"])
     weights = os.path.join(path, "model.safetensors")
-    return state, load_file(weights), load_file(os.path.join(path, "ema.safetensors")), \
-        read_metadata(weights)["model_config"]
+    return state, load_file(weights), load_file(os.path.join(path, "ema.safetensors")), read_metadata(weights)
 
 
 def unused_path(path: str) -> str:
@@ -368,7 +370,7 @@ def export(run_dir: str, out: str):
     if ext not in ("", ".safetensors"):
         raise UserError(f"--export {out!r}: give OUT.safetensors (one file) or a folder name without an extension "
                         "(a diffusers folder, for a Wan-shaped model)")
-    dcp_meta = read_checkpoint(found[-1])[0]["meta"] if os.path.isdir(os.path.join(found[-1], "dcp")) else None
+    dcp_meta = read_checkpoint(found[-1])[3] if os.path.isdir(os.path.join(found[-1], "dcp")) else None
     if ext == "":  # checked before any weights load
         import wan
         wan.check_export_folder(out)
@@ -378,7 +380,7 @@ def export(run_dir: str, out: str):
         check_output_path(out, {".safetensors"})
     if dcp_meta is not None:  # fsdp: gather the EMA shards into one model
         meta = dcp_meta
-        model = DiT(ModelConfig(**meta["model_config"]))
+        model = DiT(ModelConfig(**meta["model_config"]), meta.get("mask_plan", FULL), meta.get("attn_backend", "auto"))
         state = {"ema": model.state_dict()}
         try:
             dcp_load(state, os.path.join(found[-1], "dcp"))
@@ -387,10 +389,10 @@ def export(run_dir: str, out: str):
         model.load_state_dict(state["ema"])
     else:
         model, meta = load_model(os.path.join(found[-1], "ema.safetensors"))
-    meta = {k: v for k, v in meta.items() if k != "model_config"}
+    meta = {k: v for k, v in meta.items() if k != "model_config"}  # (the run settings come from the model)
     if ext == "":
-        wan.save_diffusers(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
+        wan.save_diffusers(out, model, meta, dtype=torch.bfloat16)
         print(f"exported {found[-1]} (EMA, bf16) -> {out}/ (diffusers {wan.CLASS})")
         return
-    save_model(out, model.state_dict(), model.cfg, meta, dtype=torch.bfloat16)
+    save_model(out, model, meta, dtype=torch.bfloat16)
     print(f"exported {found[-1]} (EMA, bf16) -> {out} ({os.path.getsize(out) / 2**20:.1f} MiB)")

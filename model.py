@@ -11,7 +11,7 @@ presets and their parameter counts. The text side is either a small byte-level e
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -20,11 +20,13 @@ from einops import rearrange
 
 import parallel
 from cli import UserError, atomic_output
-from attention import BACKENDS, FULL, entry_num_ref, expand_plan, tile_attention
+from attention import FULL, backend_name, entry_num_ref, expand_plan, tile_attention
 
 
 @dataclass
 class ModelConfig:
+    """What the weights mean (the architecture). How a model runs (its mask plan and attention backend) is chosen
+    per run and lives on the DiT; checkpoints save both, the run settings beside the config."""
     in_channels: int = 4
     patch_size: tuple = (1, 2, 2)       # (t, h, w)
     hidden: int = 2304
@@ -41,8 +43,6 @@ class ModelConfig:
     text_len: int = 512                 # max text tokens
     text_encoder: str = "none"          # "none": embeddings are given; "bytes": train a byte-level encoder
     text_encoder_depth: int = 2
-    mask_plan: list = field(default_factory=lambda: [FULL])  # per layer: "full" or k; one entry = all layers
-    attn_backend: str = "auto"          # "auto", "flash", "gather" or "merge" (attention.py)
 
     def __post_init__(self):
         self.patch_size = tuple(self.patch_size)
@@ -50,13 +50,9 @@ class ModelConfig:
             raise UserError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.text_encoder not in ("none", "bytes"):
             raise UserError(f"text_encoder must be 'none' or 'bytes', got {self.text_encoder!r}")
-        self.attn_backend = {"tile": "gather", "flex": "auto"}.get(self.attn_backend, self.attn_backend)  # old names
         self.qk_norm = {True: "head", False: "none"}.get(self.qk_norm, self.qk_norm)  # checkpoints saved a bool
         if self.qk_norm not in QK_NORMS:
             raise UserError(f"qk_norm {self.qk_norm!r}: use one of {', '.join(QK_NORMS)}")
-        if self.attn_backend not in BACKENDS:
-            raise UserError(f"attn_backend {self.attn_backend!r}: use one of {', '.join(BACKENDS)}")
-        self.mask_plan = expand_plan(self.mask_plan, self.depth)
 
     @property
     def head_dim(self):
@@ -89,10 +85,23 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise UserError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
     valid = {f.name for f in fields(ModelConfig)}
-    bad = set(overrides) - valid
-    if bad:
-        raise UserError(f"unknown model keys {sorted(bad)}; valid keys: {sorted(valid)}")
+    unknown = set(overrides) - valid
+    if unknown & set(RUN_SETTINGS):
+        raise UserError(f"{sorted(unknown & set(RUN_SETTINGS))} are run settings, not model keys: a training config "
+                        "sets `attn_backend:` and stage 3's `plan:`")
+    if unknown:
+        raise UserError(f"unknown model keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+RUN_SETTINGS = ("mask_plan", "attn_backend")  # how a model runs: saved beside its config, not in it
+
+
+def split_config(saved: dict) -> tuple[dict, dict]:
+    """A saved model config -> (the architecture, the run settings it carried: checkpoints written before
+    2026-12-01 kept the mask plan and the attention backend inside the model config)."""
+    arch = {k: v for k, v in saved.items() if k not in RUN_SETTINGS}
+    return arch, {k: saved[k] for k in RUN_SETTINGS if k in saved}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ class SelfAttention(Attend):
     """q, k, v projections (one matmul) and q/k norms, then the attend step, then the output projection."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.attn_backend)
+        super().__init__()
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.q_norm, self.k_norm = qk_norm(cfg.qk_norm, cfg), qk_norm(cfg.qk_norm, cfg)
@@ -272,7 +281,10 @@ def tokenize(prompts: list[str], text_len: int):
 # The model
 
 class DiT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The network of cfg, run with a mask plan (one Attention Tile entry per layer, attention.expand_plan) on an
+    attention backend (attention.BACKENDS); both can change at any time (set_mask_plan, set_attn_backend)."""
+
+    def __init__(self, cfg: ModelConfig, mask_plan=FULL, attn_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         D, pt, ph, pw = cfg.hidden, *cfg.patch_size
@@ -292,7 +304,8 @@ class DiT(nn.Module):
         self.sp_group = None  # set by enable_sequence_parallel
         self.checkpoint_blocks = False  # activation checkpointing per block in training (train.py sets it)
         self.initialize_weights()
-        self.set_mask_plan(cfg.mask_plan)
+        self.set_mask_plan(mask_plan)
+        self.set_attn_backend(attn_backend)
 
     def initialize_weights(self):
         """All init in one place: xavier linears, zeroed output layer and cross-attention outputs (each
@@ -317,9 +330,19 @@ class DiT(nn.Module):
 
     def set_mask_plan(self, plan):
         """Give each layer its Attention Tile entry (attention.expand_plan). The model runs unchanged on any plan."""
-        self.cfg.mask_plan = expand_plan(plan, self.cfg.depth)
-        for block, entry in zip(self.blocks, self.cfg.mask_plan, strict=True):
+        self.mask_plan = expand_plan(plan, self.cfg.depth)
+        for block, entry in zip(self.blocks, self.mask_plan, strict=True):
             block.attn.plan_entry = entry
+
+    def set_attn_backend(self, backend: str):
+        """Run every self-attention layer on `backend` (attention.BACKENDS; the old names "tile" and "flex" too)."""
+        self.attn_backend = backend_name(backend)
+        for block in self.blocks:
+            block.attn.backend = self.attn_backend
+
+    def run_settings(self) -> dict:
+        """What a checkpoint saves beside the config so that it samples as it was trained: the plan and backend."""
+        return {"mask_plan": list(self.mask_plan), "attn_backend": self.attn_backend}
 
     def compile_blocks(self):
         """Regional compilation: each transformer block is compiled on its own (nn.Module.compile, dynamic=False),
@@ -403,13 +426,14 @@ def config_dict(cfg: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Weights on disk: safetensors with the resolved config (and anything else the caller adds) in the metadata
 
-def save_model(path: str, state_dict: dict, cfg: ModelConfig, meta: dict | None = None, dtype=None):
-    """Atomically write weights + metadata. meta values are JSON-encoded into safetensors' string metadata."""
+def save_model(path: str, model: "DiT", meta: dict | None = None, dtype=None):
+    """Atomically write a model's weights, its config and run settings (mask plan, backend) and `meta`; meta values
+    are JSON-encoded into safetensors' string metadata."""
     from safetensors.torch import save_file
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-               for k, v in state_dict.items()}
-    metadata = {"model_config": json.dumps(config_dict(cfg))}
-    metadata.update({k: json.dumps(v) for k, v in (meta or {}).items()})
+               for k, v in model.state_dict().items()}
+    metadata = {"model_config": json.dumps(config_dict(model.cfg))}
+    metadata.update({k: json.dumps(v) for k, v in {**(meta or {}), **model.run_settings()}.items()})
     with atomic_output(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
@@ -430,7 +454,14 @@ def read_metadata(path: str) -> dict:
         raise UserError(f"{path!r} is not a readable safetensors checkpoint: {str(e).splitlines()[0]}") from None
     if "model_config" not in meta:
         raise UserError(f"{path!r} has no model_config in its metadata: not a checkpoint of this project")
-    return {k: json.loads(v) for k, v in meta.items()}
+    return normalize_metadata({k: json.loads(v) for k, v in meta.items()})
+
+
+def normalize_metadata(meta: dict) -> dict:
+    """A checkpoint's metadata with the architecture alone under model_config and the run settings beside it
+    (moved out of the config for checkpoints written before 2026-12-01)."""
+    arch, run = split_config(meta["model_config"])
+    return {**run, **meta, "model_config": arch}
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32):
@@ -440,7 +471,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32):
         import wan
         return wan.load_diffusers(path, device, dtype)
     meta = read_metadata(path)
-    return model_from_weights(ModelConfig(**meta["model_config"]), load_safetensors(path), path, device, dtype), meta
+    return model_from_weights(meta, load_safetensors(path), path, device, dtype), meta
 
 
 def load_safetensors(path: str) -> dict:
@@ -453,11 +484,12 @@ def load_safetensors(path: str) -> dict:
         raise UserError(f"{path!r} is truncated or corrupt: {str(e).splitlines()[0]}") from None
 
 
-def model_from_weights(cfg: ModelConfig, weights: dict, where: str, device="cpu", dtype=torch.float32):
-    """A DiT of cfg holding exactly `weights` (our names): built on the meta device, so no memory or time goes to
-    a random init that the weights replace. A missing, extra or misshapen tensor is a one-line error."""
+def model_from_weights(meta: dict, weights: dict, where: str, device="cpu", dtype=torch.float32):
+    """The DiT that a checkpoint's metadata describes (its config and run settings) holding exactly `weights` (our
+    names): built on the meta device, so no memory or time goes to a random init that the weights replace. A
+    missing, extra or misshapen tensor is a one-line error."""
     with torch.device("meta"):
-        model = DiT(cfg)
+        model = DiT(ModelConfig(**meta["model_config"]), meta.get("mask_plan", FULL), meta.get("attn_backend", "auto"))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:

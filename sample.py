@@ -204,7 +204,7 @@ def main(argv=None):
         if args.compile and env.device.type == "cuda":
             model.compile_blocks()
         if env.is_main:
-            print("attention: " + describe_backend(model.cfg.attn_backend, env.device, next(model.parameters()).dtype,
+            print("attention: " + describe_backend(model.attn_backend, env.device, next(model.parameters()).dtype,
                                                   model.cfg.head_dim))
         bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if env.is_main else None
         videos = flow.generate(model, prompts, shape, sampler, args.seed, bar, null=null)

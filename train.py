@@ -40,7 +40,7 @@ import checkpoint
 import distill
 import flow
 import parallel
-from attention import load_plan
+from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
 from data import NULL_FILE, VOCABULARY, collate, moving_shapes_batch, open_dataset
 from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata
@@ -53,7 +53,7 @@ CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory wha
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
-            "compile", "activation_checkpointing", "run_dir", "device", "profile")
+            "compile", "activation_checkpointing", "run_dir", "device", "profile", "attn_backend")
 
 
 @dataclass
@@ -92,6 +92,7 @@ class TrainConfig:
     profile: int = 0                     # > 0: a torch.profiler trace of the run's last N steps, written to
                                          # run_dir/trace-rank{R}.json (chrome://tracing or ui.perfetto.dev)
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
+    attn_backend: str = "auto"           # the attention kernels: "auto", "flash", "gather" or "merge" (attention.py)
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
@@ -189,6 +190,7 @@ def make_config(values: dict) -> TrainConfig:
         raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
     model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
+    cfg.attn_backend = backend_name(cfg.attn_backend)
     check_ranges(cfg)
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
@@ -239,7 +241,7 @@ def check_inputs(cfg: TrainConfig):
                 raise UserError(f"{key}: {e}{where}") from None
     if cfg.stage in (1, 3) and cfg.init and cfg.teacher:  # the teacher must read what the student reads
         student, teacher = (config_dict(ModelConfig(**read_metadata(p)["model_config"])) for p in (cfg.init, cfg.teacher))
-        keys = INPUT_KEYS if cfg.stage == 1 else [k for k in student if k not in ("mask_plan", "attn_backend")]
+        keys = INPUT_KEYS if cfg.stage == 1 else list(student)
         differ = [f"{k} {teacher[k]} vs {student[k]}" for k in keys if teacher[k] != student[k]]
         if differ:
             raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} ({'; '.join(differ)}): "
@@ -358,11 +360,12 @@ def make_objective(cfg, model, net, ema, env, compile_: bool, null=None):
         return lambda x0, text, mask, t, eps: stage0_loss(net, x0, text, mask, t, eps)
     device = env.device
     teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
+    teacher.set_attn_backend(cfg.attn_backend)
     teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
     if compile_:
         teacher.compile_blocks()
     if cfg.stage == 3:
-        teacher.set_mask_plan(["full"])
+        teacher.set_mask_plan(FULL)
         recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
         return lambda x0, text, mask, t, eps: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps)
     target = ema if cfg.target == "ema" else model
@@ -426,10 +429,11 @@ def run_stage(cfg: TrainConfig, env, run) -> list[dict]:
         model = DiT(model_config(cfg.model, **cfg.model_args))
     if cfg.stage == 3:
         model.set_mask_plan(load_plan(cfg.plan))
+    model.set_attn_backend(cfg.attn_backend)
     model.to(device).train()
     model.enable_sequence_parallel(env.sp_group)
     model.checkpoint_blocks = cfg.activation_checkpointing
-    ema = DiT(copy.deepcopy(model.cfg)).to(device).eval().requires_grad_(False)
+    ema = DiT(copy.deepcopy(model.cfg), model.mask_plan, model.attn_backend).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     ema.enable_sequence_parallel(env.sp_group)
     compile_ = cfg.compile and device.type == "cuda"

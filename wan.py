@@ -166,9 +166,8 @@ def diffusers_config(cfg: ModelConfig) -> dict:
 
 
 def preset_of(cfg: ModelConfig) -> str | None:
-    """The name of the preset with cfg's architecture (mask plan and backend aside), if any."""
-    arch = lambda c: {k: v for k, v in config_dict(c).items() if k not in ("mask_plan", "attn_backend")}  # noqa: E731
-    return next((name for name in PRESETS if arch(model_config(name)) == arch(cfg)), None)
+    """The name of the preset with cfg's architecture, if any."""
+    return next((name for name in PRESETS if config_dict(model_config(name)) == config_dict(cfg)), None)
 
 
 def read_metadata(path: str) -> dict:
@@ -184,8 +183,7 @@ def read_metadata(path: str) -> dict:
     if os.path.isfile(ours):
         with open(ours) as f:
             saved = json.load(f)
-        meta.update({k: v for k, v in saved.items() if k != "mask_plan"})
-        meta["model_config"]["mask_plan"] = expand_plan(saved.get("mask_plan", [FULL]), cfg.depth)
+        meta.update(saved)
     return meta
 
 
@@ -284,7 +282,7 @@ def load_diffusers(path: str, device="cpu", dtype=torch.float32):
     meta = read_metadata(path)
     folder = transformer_folder(path)
     cfg = ModelConfig(**meta["model_config"])
-    return model_from_weights(cfg, to_ours(read_weights(folder), cfg, folder), folder, device, dtype), meta
+    return model_from_weights(meta, to_ours(read_weights(folder), cfg, folder), folder, device, dtype), meta
 
 
 def check_export_folder(folder: str):
@@ -295,16 +293,17 @@ def check_export_folder(folder: str):
     check_output_path(os.path.join(folder, WEIGHTS))
 
 
-def save_diffusers(folder: str, state_dict: dict, cfg: ModelConfig, meta: dict | None = None, dtype=None):
+def save_diffusers(folder: str, model, meta: dict | None = None, dtype=None):
     """Write a folder diffusers' WanTransformer3DModel.from_pretrained loads: config.json and the weights (sharded
     above SHARD_BYTES, with diffusers' index), plus tile_vdit.json (kind, sampler, video shape, plan: what
     read_metadata gives back) and, for a sparse plan, mask_plan.yaml (apply_mask_plan). Written to a temporary
     folder that replaces `folder` when complete (cli.atomic_output), so a failed export leaves no half folder."""
     from safetensors.torch import save_file
+    cfg = model.cfg
     check_exportable(cfg)
     check_export_folder(folder)
     tensors = to_diffusers({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                            for k, v in state_dict.items()}, cfg)
+                            for k, v in model.state_dict().items()}, cfg)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     shards, size = [[]], 0
     for name, t in tensors.items():
@@ -328,10 +327,10 @@ def save_diffusers(folder: str, state_dict: dict, cfg: ModelConfig, meta: dict |
             json.dump(diffusers_config(cfg), f, indent=2)
         ours = {k: v for k, v in (meta or {}).items() if k in ("kind", "sampler", "video_shape", "fps")}
         with open(os.path.join(tmp, OURS), "w") as f:
-            json.dump({**ours, "mask_plan": list(cfg.mask_plan)}, f, indent=2)
-        if any(e != FULL for e in cfg.mask_plan):
+            json.dump({**ours, **model.run_settings()}, f, indent=2)
+        if any(e != FULL for e in model.mask_plan):
             frames = (meta or {}).get("video_shape", [0, cfg.patch_size[0]])[1] // cfg.patch_size[0]
-            save_plan(os.path.join(tmp, PLAN), cfg.mask_plan, frames, header={"model": "exported student"})
+            save_plan(os.path.join(tmp, PLAN), model.mask_plan, frames, header={"model": "exported student"})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ def one_fixed_batch(monkeypatch):
     monkeypatch.setattr(train, "sample_generator", lambda cfg, step, *a: gen(cfg, 0, *a))
 
 
-def tiny_model(**overrides):
+def tiny_model(mask_plan="full", attn_backend="auto", **overrides):
     """The tiny preset with random non-zero weights (seed 0): the zero-initialised output layers of a fresh model
     would predict zero velocity and hide every difference."""
     import torch
     from model import DiT, model_config
     torch.manual_seed(0)
-    m = DiT(model_config("tiny", **overrides))
+    m = DiT(model_config("tiny", **overrides), mask_plan, attn_backend)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.05)
     return m.eval()
@@ -41,7 +41,7 @@ def tiny_checkpoint(path, meta, **overrides):
     """tiny_model(**overrides) saved at path with the given metadata (kind, video_shape, sampler); -> path."""
     from model import save_model
     m = tiny_model(**overrides)
-    save_model(str(path), m.state_dict(), m.cfg, meta)
+    save_model(str(path), m, meta)
     return str(path)
 
 

@@ -40,7 +40,7 @@ def test_plans_mode_on_a_checkpoint(tmp_path):
     from model import DiT, model_config, save_model
     m = DiT(model_config("tiny"))
     ckpt = str(tmp_path / "m.safetensors")
-    save_model(ckpt, m.state_dict(), m.cfg, {"video_shape": [3, 4, 16, 16]})
+    save_model(ckpt, m, {"video_shape": [3, 4, 16, 16]})
     plan = tmp_path / "plan.yaml"
     plan.write_text("plan: [1, 2]\n")
     out = tmp_path / "plans.json"

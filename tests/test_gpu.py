@@ -39,8 +39,8 @@ def test_flash_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
 def test_compiled_model_on_flash_equals_gather():
     from model import DiT, model_config
     torch.manual_seed(0)
-    cfg = model_config("osp12", depth=3, hidden=192, heads=2, text_dim=32, mask_plan=[1, "full", 2])
-    m = DiT(cfg).cuda().to(torch.bfloat16)
+    cfg = model_config("osp12", depth=3, hidden=192, heads=2, text_dim=32)
+    m = DiT(cfg, mask_plan=[1, "full", 2]).cuda().to(torch.bfloat16)
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(1, 4, 8, 30, 40, device="cuda", dtype=torch.bfloat16)  # 8 frames x 300 tokens
@@ -49,8 +49,7 @@ def test_compiled_model_on_flash_equals_gather():
     mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
     results = {}
     for backend in ("gather", "flash"):
-        for block in m.blocks:
-            block.attn.backend = backend
+        m.set_attn_backend(backend)
         m.zero_grad(set_to_none=True)
         torch._dynamo.reset()
         if backend == "flash":

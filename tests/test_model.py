@@ -44,7 +44,7 @@ def test_model_equals_sdpa_reference(plan, backend, monkeypatch):
         monkeypatch.setattr(model_lib, "tile_attention", sdpa_reference(seen))
         ref = m(x, t, ids, mask)
     assert (out - ref).abs().max().item() < 1e-4
-    assert len(seen) == sum(e != "full" for e in m.cfg.mask_plan)
+    assert len(seen) == sum(e != "full" for e in m.mask_plan)
     assert out.shape == x.shape
 
 
@@ -114,14 +114,27 @@ def test_precomputed_text_embeddings():
     assert m(x, torch.rand(2), emb, mask).shape == x.shape
 
 
+def test_a_checkpoint_that_kept_its_plan_in_the_model_config_still_samples_under_it():
+    """The shipped efficient model was saved when the mask plan and backend lived in the model config: they are
+    read from there (the plan stage 3 trained it under, configs/plan-r0.4.yaml)."""
+    import os
+    from attention import load_plan
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    m, meta = load_model(os.path.join(root, "checkpoints", "efficient.safetensors"))
+    assert m.mask_plan == load_plan(os.path.join(root, "configs", "plan-r0.4.yaml")) == meta["mask_plan"]
+    assert "mask_plan" not in meta["model_config"] and m.attn_backend == "auto"
+
+
 def test_save_load_roundtrip(tmp_path):
     m = tiny()
     m.set_mask_plan([2, "full"])
+    m.set_attn_backend("gather")
     path = str(tmp_path / "w.safetensors")
-    save_model(path, m.state_dict(), m.cfg, {"kind": "test", "sampler": {"steps": 3}})
+    save_model(path, m, {"kind": "test", "sampler": {"steps": 3}})
     m2, meta = load_model(path)
-    assert meta["kind"] == "test" and meta["sampler"] == {"steps": 3}
-    assert m2.cfg.mask_plan == [2, "full"] and [b.attn.plan_entry for b in m2.blocks] == [2, "full"]
+    assert meta["kind"] == "test" and meta["sampler"] == {"steps": 3} and "mask_plan" not in meta["model_config"]
+    assert m2.mask_plan == [2, "full"] and [b.attn.plan_entry for b in m2.blocks] == [2, "full"]
+    assert m2.attn_backend == "gather" and all(b.attn.backend == "gather" for b in m2.blocks)
     x, t, ids, mask = inputs(m)
     with torch.no_grad():
         assert torch.equal(m(x, t, ids, mask), m2(x, t, ids, mask))
@@ -130,10 +143,10 @@ def test_save_load_roundtrip(tmp_path):
 def test_plan_from_a_file(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("plan: [full, 1]\n")
-    assert model_config("tiny", mask_plan=str(path)).mask_plan == ["full", 1]
+    assert DiT(model_config("tiny"), mask_plan=str(path)).mask_plan == ["full", 1]
     path.write_text("layers: []\n")
     with pytest.raises(ValueError, match="no `plan:` list"):
-        model_config("tiny", mask_plan=str(path))
+        DiT(model_config("tiny"), mask_plan=str(path))
 
 
 def test_clear_errors(tmp_path):
@@ -142,7 +155,11 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model keys"):
         model_config("tiny", dept=3)
     with pytest.raises(ValueError, match="2 layers"):
-        model_config("tiny", mask_plan=[1, 2, 3])
+        DiT(model_config("tiny"), mask_plan=[1, 2, 3])
+    with pytest.raises(ValueError, match="run settings, not model keys"):
+        model_config("tiny", attn_backend="gather")
+    with pytest.raises(ValueError, match="attn_backend 'fast'"):
+        tiny().set_attn_backend("fast")
     with pytest.raises(ValueError, match="bytes"):
         tiny().tokenize(["x" * 100])
     with pytest.raises(ValueError, match="no checkpoint"):

@@ -87,7 +87,7 @@ def test_search_then_kd_end_to_end(tmp_path, student, one_fixed_batch):
     assert sum(r["loss"] for r in records[-5:]) / 5 < 0.5 * records[0]["loss"]
     m, meta = load_model(os.path.join(checkpoint.checkpoints(s3.run_dir)[-1], "ema.safetensors"))
     assert meta["kind"] == "sparse" and meta["sampler"]["steps"] == 2
-    assert m.cfg.mask_plan == [1, 1, 2] and [b.attn.plan_entry for b in m.blocks] == [1, 1, 2]
+    assert m.mask_plan == [1, 1, 2] and [b.attn.plan_entry for b in m.blocks] == [1, 1, 2]
 
 
 def test_stage3_needs_a_plan():

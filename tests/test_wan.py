@@ -104,8 +104,7 @@ def test_sparse_plan_equals_diffusers_under_the_dense_tile_mask(folder, backend)
     x, t, emb = inputs(T=5)
     m, _ = load_model(path)
     m.set_mask_plan([1, 2])
-    for block in m.blocks:
-        block.attn.backend = backend
+    m.set_attn_backend(backend)
     d = copy.deepcopy(d)
     for block, k in zip(d.blocks, [1, 2]):
         block.attn1.set_processor(DenseTileProcessor(5, k))
@@ -138,7 +137,7 @@ def test_export_round_trips_bit_exactly_and_diffusers_loads_it(folder, tmp_path,
     meta = {**meta, "kind": "sparse", "video_shape": [16, 4, 8, 6]}
     monkeypatch.setattr(wan, "SHARD_BYTES", 60_000)  # sharded, with diffusers' index
     out = str(tmp_path / "export")
-    wan.save_diffusers(out, m.state_dict(), m.cfg, meta)
+    wan.save_diffusers(out, m, meta)
     assert os.path.isfile(os.path.join(out, wan.INDEX)) and os.path.isfile(os.path.join(out, wan.PLAN))
     back = WanTransformer3DModel.from_pretrained(out).eval()
     want = d.state_dict()
@@ -146,12 +145,12 @@ def test_export_round_trips_bit_exactly_and_diffusers_loads_it(folder, tmp_path,
     assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())  # diffusers' tensors, bit for bit
     m2, meta2 = load_model(out)
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in m2.state_dict().items())
-    assert meta2["kind"] == "sparse" and m2.cfg.mask_plan == [1, "full"]
+    assert meta2["kind"] == "sparse" and m2.mask_plan == [1, "full"]
     x, t, emb = inputs()
     wan.apply_mask_plan(back, os.path.join(out, wan.PLAN))
     assert rel_err(reference(back, x, t, emb), ours(m2, x, t, emb)) <= 1e-5
     with pytest.raises(ValueError, match="not an export of this code"):
-        wan.save_diffusers(str(tmp_path), m.state_dict(), m.cfg, meta)  # never over a folder of something else
+        wan.save_diffusers(str(tmp_path), m, meta)  # never over a folder of something else
 
 
 def test_mistakes_in_a_folder_are_one_line_errors(folder, tmp_path):
@@ -240,7 +239,7 @@ def test_the_recipe_runs_on_a_tiny_wan_from_a_diffusers_folder(folder, tmp_path)
     student = str(tmp_path / "student")
     checkpoint.export(s3.run_dir, student)  # a diffusers folder, with the plan
     m, meta = load_model(student)
-    assert meta["kind"] == "sparse" and m.cfg.mask_plan == [1, 1] and meta["video_shape"] == [16, 3, 8, 8]
+    assert meta["kind"] == "sparse" and m.mask_plan == [1, 1] and meta["video_shape"] == [16, 3, 8, 8]
     back = wan.apply_mask_plan(WanTransformer3DModel.from_pretrained(student).eval(), os.path.join(student, wan.PLAN))
     x, t, e = inputs(T=3, H=8, W=8)
     assert rel_err(reference(back.float(), x, t, e), ours(m, x, t, e)) <= 1e-5
@@ -292,7 +291,7 @@ def test_the_recipe_runs_on_a_tiny_wan_from_a_diffusers_folder(folder, tmp_path)
     other = str(tmp_path / "other.safetensors")  # a model whose text width this pipeline's umT5 does not give
     from model import DiT, model_config, save_model
     o = DiT(model_config("wan-tiny", text_dim=24))
-    save_model(other, o.state_dict(), o.cfg, {"kind": "base", "video_shape": [16, 3, 8, 8]})
+    save_model(other, o, {"kind": "base", "video_shape": [16, 3, 8, 8]})
     ckpt_dir = checkpoint.checkpoints(s3.run_dir)[-1]
     (tmp_path / "a14b").mkdir()
     (tmp_path / "a14b" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline",
