@@ -1,5 +1,6 @@
 """The run folder of a training run: one writer at a time, checkpoints written whole or not at all, resume, the
-log, preemption and export. train.py calls one RunFolder; nothing else writes into run_dir.
+log, preemption and export. train.py calls one RunFolder for these (stage 2's plans and figures, and profiler
+traces, are written beside them through cli.atomic_output).
 
     with RunFolder(cfg, env, RUN_KEYS) as run:           # rank 0 holds run_dir/.lock while the run lasts
         start, resumed = run.resume(model, ema, opt)     # the newest checkpoint that loads (or 0, None)
@@ -18,7 +19,7 @@ never leaves a half checkpoint that resume would take, and a write that fails en
 the path (the checkpoints before it stay valid; free the space and rerun). SIGTERM and SIGUSR1 (what SLURM and
 Kubernetes send before a kill) make the run finish its step, write a checkpoint of it and stop: every rank asks at
 the end of every step and all agree on the step (a CPU all-reduce, no GPU sync). A second run on a folder in use
-refuses at once. Checkpoint state is read with torch.load(weights_only=True): a pickle payload never runs.
+refuses at once (on a file system without flock, with a warning, it cannot). Checkpoint state is read with torch.load(weights_only=True): a pickle payload never runs.
 Leaves out: what the model is (model.py) and the loop (train.py).
 """
 import json
@@ -93,8 +94,15 @@ class RunFolder:
             os.close(fd)
             raise UserError(f"run_dir {self.dir!r} is in use by {holder}: wait for that run to end, or give another "
                             "run_dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.ctime()})".encode(), 0)
+        except OSError as e:  # a file system without flock (Lustre mounted noflock, some NFS setups)
+            os.close(fd)
+            warn(f"run_dir {self.dir!r} cannot be locked here ({e.strerror}): a second run on it would not be refused")
+            return
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.ctime()})".encode(), 0)
+        except OSError:  # who holds it is only a courtesy for the message above
+            pass
         self._lock_fd = fd
 
     # ------------------------------------------------------------------------------------------------------
@@ -102,12 +110,11 @@ class RunFolder:
 
     @contextmanager
     def preemptible(self):
-        """Inside: SIGTERM and SIGUSR1 set stop_signal instead of killing the process (a second one kills it);
-        the loop asks stop_requested() after every step."""
+        """Inside: SIGTERM and SIGUSR1 set stop_signal instead of killing the process, however often they come (SLURM
+        signals every task and torchrun passes the signal on again: a worker sees it twice); the hard stop is the
+        scheduler's SIGKILL at the end of its grace period. The loop asks should_stop() after every step."""
         def handler(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
-            for s in STOP_SIGNALS:  # a second signal is not ignored
-                signal.signal(s, signal.SIG_DFL)
+            self.stop_signal = self.stop_signal or signal.Signals(signum).name
         try:
             previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         except ValueError:  # not the main thread: signals cannot be caught here
@@ -118,9 +125,13 @@ class RunFolder:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def stop_requested(self) -> bool:
-        """Did any rank receive a stop signal? Every rank asks at the same point of every step, so all agree."""
-        return parallel.any_rank(self.stop_signal is not None, "cpu", self.env.cpu_group)
+    def should_stop(self, out_of_time: bool = False) -> tuple[bool, bool]:
+        """(did any rank receive a stop signal, is any rank out of time): one CPU all-reduce (gloo, no GPU sync)
+        that every rank makes at the same point of every step, so all stop after the same step."""
+        flags = torch.tensor([float(self.stop_signal is not None), float(out_of_time)])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.env.cpu_group)
+        return bool(flags[0]), bool(flags[1])
 
     # ------------------------------------------------------------------------------------------------------
     # Writing
@@ -134,16 +145,13 @@ class RunFolder:
             try:
                 fn()
             except (OSError, WriteError, CheckpointException) as e:  # DCP's exception is a BaseException
-                if isinstance(e, CheckpointException):
-                    e = next(iter(e.failures.values()))[0]
-                error = e
+                error = dcp_failure(e)[1] if isinstance(e, CheckpointException) else e
         if parallel.any_rank(error is not None, "cpu", self.env.cpu_group):
-            reason = "failed on another rank" if error is None else error.reason if isinstance(error, WriteError) \
-                else (error.strerror or first_line(error)) if isinstance(error, OSError) else first_line(error)
+            reason, fix = write_failure(error)
             newest = checkpoints(self.dir)
             raise UserError(f"cannot write {what} {path!r}: {reason}. " + (
-                f"The checkpoints before it are intact ({os.path.basename(newest[-1])} is the newest): free the "
-                "space and rerun to resume" if newest else "Free the space and rerun"))
+                f"The checkpoints before it are intact ({os.path.basename(newest[-1])} is the newest): {fix} and "
+                "rerun to resume" if newest else f"{fix[0].upper()}{fix[1:]} and rerun"))
 
     def log(self, record: dict):
         """Append one record to log.jsonl (rank 0)."""
@@ -180,8 +188,10 @@ class RunFolder:
         def finish():
             with open(os.path.join(tmp, "state.pt"), "wb") as f:  # a Python file: a failed write is an OSError
                 torch.save(state, f)
+            sync(tmp)  # on disk before the rename makes it the newest and older ones are pruned
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            sync(self.dir)
             for old in checkpoints(self.dir)[: -cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         try:
@@ -205,11 +215,13 @@ class RunFolder:
         its step; -> (its step, its folder), or (0, None) for a fresh run. A newer one that cannot be read is
         named and set aside (broken-ckpt-N); one of another config stops the run with the differences."""
         start, path = self._restore(model, ema, opt)
-        if self.env.is_main:
-            cut_log(self.log_path, start)  # a killed run logged steps past its last checkpoint: they run again
-            for name in os.listdir(self.dir):  # checkpoints a kill or a failed write left half-written
+
+        def tidy():
+            for name in os.listdir(self.dir):  # checkpoints a kill or a failed write left half-written (space first)
                 if name.startswith(".tmp-ckpt-"):
                     shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            cut_log(self.log_path, start)  # a killed run logged steps past its last checkpoint: they run again
+        self._together("the log", self.log_path, tidy)
         return start, path
 
     def _restore(self, model, ema, opt) -> tuple[int, str | None]:
@@ -293,8 +305,55 @@ def dcp_load(state: dict, path: str):
     try:
         dcp.load(state, checkpoint_id=path)
     except CheckpointException as e:
-        rank, (error, _) = next(iter(e.failures.items()))
+        rank, error = dcp_failure(e)
         raise OSError(f"rank {rank}: {first_line(error)}") from None
+
+
+def dcp_failure(e) -> tuple[int, BaseException]:
+    """The first failing rank of a DCP CheckpointException and its error."""
+    rank, (error, _) = next(iter(e.failures.items()))
+    return rank, error
+
+
+def write_failure(error) -> tuple[str, str]:
+    """(why a write failed, what to do) from the error a writer raised. torch's file writer reports a failed write
+    as a RuntimeError ("unexpected pos ...") with the OSError, if any, on its chain."""
+    import errno
+    seen, e = set(), error
+    while e is not None and not isinstance(e, (OSError, WriteError)) and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if e is None:
+        if error is None:
+            return "it failed on another rank", "see that rank's error"
+        text = first_line(error)
+        reason = "the write stopped short (a full disk, a quota or a file size limit?)" \
+            if "unexpected pos" in text or "write failed" in text else text
+        return reason, "free the space"
+    if isinstance(e, WriteError):
+        return e.reason, "free the space"
+    denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    return e.strerror or first_line(e), "make run_dir writable" if denied else "free the space"
+
+
+def sync(path: str):
+    """fsync a folder's files and the folder itself (the checkpoint is on disk before it is named the newest)."""
+    names = os.listdir(path) if os.path.isdir(path) else []
+    for name in names:
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            fd = os.open(full, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_sharded(path, model, ema, opt):
@@ -344,14 +403,14 @@ def cut_log(path: str, step: int):
     """Drop the log records after `step` (written after the checkpoint a resumed run starts from)."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         lines = [line for line in f if line.strip()]
     kept = []
     for line in lines:
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not a record
             pass
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.writelines(kept)
@@ -370,7 +429,11 @@ def export(run_dir: str, out: str):
     if ext not in ("", ".safetensors"):
         raise UserError(f"--export {out!r}: give OUT.safetensors (one file) or a folder name without an extension "
                         "(a diffusers folder, for a Wan-shaped model)")
-    dcp_meta = read_checkpoint(found[-1])[3] if os.path.isdir(os.path.join(found[-1], "dcp")) else None
+    try:
+        dcp_meta = read_checkpoint(found[-1])[3] if os.path.isdir(os.path.join(found[-1], "dcp")) else None
+    except Exception as e:  # noqa: BLE001 - a truncated or corrupt state.pt
+        raise UserError(f"--export: the newest checkpoint {found[-1]} does not read ({first_line(e)[:200]}): rerun "
+                        "the training command, which sets it aside and resumes from the one before") from None
     if ext == "":  # checked before any weights load
         import wan
         wan.check_export_folder(out)

@@ -2,8 +2,9 @@
 
 A mistake in what the user gave (a path, a flag, a config key, a prompt, a process count) raises `UserError`;
 `@entry_point` turns it into one line on stderr, "error: ...", and exit status 2, printed once under torchrun
-(by rank 0, or by the one rank that failed; torchrun then adds its own report of the failed processes). Anything
-else is a bug and keeps its traceback. The argparse types below check flags before any model is loaded. Leaves
+(by rank 0, or by the one rank that failed; torchrun then adds its own report of the failed processes); Ctrl-C and
+SIGTERM end with one line and status 130 / 143, their temporary outputs removed. Anything else is a bug and keeps
+its traceback. The argparse types below check flags before any model is loaded. Leaves
 out: logging (plain prints to stderr).
 """
 import argparse
@@ -12,6 +13,8 @@ import functools
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 
@@ -39,16 +42,25 @@ def first_line(e: BaseException) -> str:
 
 
 def entry_point(main):
-    """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback; Ctrl-C with one
-    line and status 130 (what a shell reports for SIGINT)."""
+    """Wrap a main(): a UserError ends the process with one line and status 2, not a traceback; Ctrl-C and SIGTERM
+    with one line and status 130 / 143 (what a shell reports for them), their temporary outputs removed."""
     @functools.wraps(main)
     def run(*args, **kwargs):
+        previous = _terminate_cleanly()
         try:
-            return main(*args, **kwargs)
+            try:
+                return main(*args, **kwargs)
+            finally:  # what follows (a rank waiting to report an error) dies to SIGTERM as any process does
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
         except KeyboardInterrupt:
             if is_rank0():
                 print("interrupted", file=sys.stderr, flush=True)
             sys.exit(130)
+        except Terminated:
+            if is_rank0():
+                print("terminated", file=sys.stderr, flush=True)
+            sys.exit(143)
         except UserError as e:
             if is_rank0():
                 print(f"error: {e}", file=sys.stderr, flush=True)
@@ -57,6 +69,21 @@ def entry_point(main):
                 print(f"error (rank {os.environ['RANK']}): {e}", file=sys.stderr, flush=True)
             sys.exit(2)
     return run
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which turns it into a checkpoint): unwinds like Ctrl-C, so temporary
+    outputs are removed, and ends with one line and status 143."""
+
+
+def _terminate_cleanly():
+    """SIGTERM raises Terminated in the main thread (-> the handler it replaced, or None off the main thread)."""
+    def raise_terminated(signum, frame):
+        raise Terminated
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:
+        return None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -119,13 +146,18 @@ def atomic_output(path: str):
     a file size limit, a permission) is one line naming `path`."""
     path = os.fspath(path)
     root, ext = os.path.splitext(path.rstrip("/"))
-    tmp = f"{root}.tmp-{os.getpid()}{ext}"
+    tag = f"{socket.gethostname()}-{os.getpid()}"  # unique on a disk that several nodes share
+    tmp = f"{root}.tmp-{tag}{ext}"
     try:
         yield tmp
         if os.path.isdir(tmp) and os.path.isdir(path):  # a folder replaces a folder: the old one goes last
-            old = f"{root}.old-{os.getpid()}{ext}"
+            old = f"{root}.old-{tag}{ext}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # the old one back where it was
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -200,6 +200,15 @@ def shard_header(path) -> dict:
             "captions": "captions" in meta, "counts": counts}
 
 
+def shard_paths(folder: str) -> list[str]:
+    """The shards of a data folder (its *.safetensors but null.safetensors), sorted by name; none is an error."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
+    paths = [p for p in paths if os.path.basename(p) != NULL_FILE]
+    if not paths:
+        raise UserError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
+    return paths
+
+
 def check_shard_headers(paths: list[str]):
     """Every shard of a folder holds latents, the same fields with the same per-item shapes and dtypes, and as
     many items in each; the first that does not is one line naming it and what differs."""
@@ -244,10 +253,7 @@ class ShardDataset(torch.utils.data.Dataset):
     (check_shard_headers); `null_text`: the (text_emb, text_mask) of its null.safetensors, or None."""
 
     def __init__(self, folder):
-        paths = sorted(glob.glob(os.path.join(folder, "*.safetensors"))) if os.path.isdir(folder) else []
-        paths = [p for p in paths if os.path.basename(p) != NULL_FILE]
-        if not paths:
-            raise UserError(f"no *.safetensors shards in {folder!r} (folder missing or empty)")
+        paths = shard_paths(folder)
         check_shard_headers(paths)
         shards = [_load_shard(p) for p in paths]
         self.data = {k: torch.cat([s[k] for s in shards]) for k in shards[0] if k != "captions"}
@@ -281,6 +287,8 @@ def read_null_text(path, text_emb=None):
             null["text_mask"].shape != null["text_emb"].shape[:1]:
         raise UserError(f"{path!r} must hold text_emb [L, D] and text_mask [L] (the empty caption's embedding); "
                         f"it holds {({k: tuple(v.shape) for k, v in null.items()})}")
+    if null["text_emb"].is_floating_point() and not torch.isfinite(null["text_emb"]).all():
+        raise UserError(f"{path!r}: its text_emb hold nan or inf")
     if text_emb is not None and null["text_emb"].shape != text_emb.shape[1:]:
         raise UserError(f"{path!r}: text_emb {tuple(null['text_emb'].shape)} does not match the shards' per-item "
                         f"{tuple(text_emb.shape[1:])}")

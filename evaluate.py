@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cli import (ArgumentParser, UserError, atomic_output, check_output_path, entry_point, non_negative_float,
+from cli import (ArgumentParser, UserError, WriteError, check_output_path, entry_point, non_negative_float,
                  positive_int, seed_int)
 from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
 
@@ -182,10 +182,27 @@ def main(argv=None):
 
 
 def append_line(path: str, line: str):
-    """Add a line to a JSON-lines file, whole or not at all (the file is rewritten through a temporary one)."""
-    old = open(path).read() if os.path.isfile(path) else ""
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        f.write(old + line + "\n")
+    """Add a line to a JSON-lines file, whole or not at all: under a lock (several jobs may share the file), one
+    unbuffered write, and a write that fails or stops short cut back to what the file held."""
+    import fcntl
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteError(path, e.strerror) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, data) < len(data):
+                raise OSError(27, "File too large")
+        except BaseException as e:
+            os.ftruncate(fd, size)
+            if isinstance(e, OSError):
+                raise WriteError(path, e.strerror or str(e)) from None
+            raise
+    finally:
+        os.close(fd)
 
 
 def evaluate_checkpoint(args):

@@ -42,7 +42,8 @@ import flow
 import parallel
 from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
-from data import NULL_FILE, VOCABULARY, collate, moving_shapes_batch, open_dataset
+from data import (NULL_FILE, VOCABULARY, check_shard_headers, collate, moving_shapes_batch, open_dataset,
+                  shard_paths)
 from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata
 
 
@@ -257,9 +258,11 @@ def check_inputs(cfg: TrainConfig):
     parallel.check_heads(heads, cfg.sp_size)
     if cfg.stage == 3:
         load_plan(cfg.plan)
-    if cfg.data not in ("shapes", "synthetic") and not os.path.isdir(cfg.data):
-        raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes', 'synthetic' or a folder of safetensors "
-                        "shards")
+    if cfg.data not in ("shapes", "synthetic"):
+        if not os.path.isdir(cfg.data):
+            raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes', 'synthetic' or a folder of "
+                            "safetensors shards")
+        check_shard_headers(shard_paths(cfg.data))  # before any model loads; their values when they are read
     parallel.pick_device(cfg.device or None)
 
 
@@ -510,9 +513,8 @@ def run_stage(cfg: TrainConfig, env, run) -> list[dict]:
                 if hours > 1:
                     warn(f"on this CPU one step takes {time.time() - t_start:.0f} s: {cfg.steps - done} more steps "
                          f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
-            out_of_time = cfg.max_minutes > 0 and done % cfg.log_every == 0 and \
-                parallel.any_rank(time.time() - t_start > 60 * cfg.max_minutes, device)
-            stop = run.stop_requested()  # a CPU all-reduce: every rank stops after the same step
+            # one CPU all-reduce a step (no GPU sync): every rank stops after the same step
+            stop, out_of_time = run.should_stop(cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes)
             last_step = done == cfg.steps or out_of_time or stop
             if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
                 if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
@@ -535,11 +537,13 @@ def run_stage(cfg: TrainConfig, env, run) -> list[dict]:
                 run.log(rec)
             if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
                 run.save(done, model, ema, opt, {**meta, "step": done})
+                stop = stop or (not last_step and run.should_stop()[0])  # a signal during the save: this one counts
             if prof:
                 prof.step()
             if out_of_time or stop:
                 if env.is_main:
-                    why = f"max_minutes={cfg.max_minutes} reached" if out_of_time else f"{run.stop_signal or 'a stop signal'} received"
+                    why = f"max_minutes={cfg.max_minutes} reached" if out_of_time else \
+                        f"{run.stop_signal or 'a stop signal'} received"
                     print(f"{why}: stopped after step {done}{' with a checkpoint' if cfg.save else ''}; rerun to resume")
                 break
     pbar.close()
