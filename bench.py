@@ -536,6 +536,8 @@ def bench_train(args):
     import subprocess
     import tempfile
     from dataclasses import fields
+
+    from flow import euler_sampler
     from model import DiT, model_config, save_model
     cfg = bench_config(args.tiny, args.depth, args.model)
     shape = latent_shape(args, cfg)
@@ -556,9 +558,9 @@ def bench_train(args):
             if not os.path.exists(init_path):
                 m = DiT(cfg)
                 save_model(init_path, m, {"kind": "mlcd", "video_shape": shape,
-                           "sampler": {"name": "euler", "steps": INIT_STEPS, "cfg": 1.0, "shift": 1.0}}, dtype=torch.bfloat16)
+                           "sampler": euler_sampler(INIT_STEPS)}, dtype=torch.bfloat16)
                 del m
-            init = [f"init={init_path}", f"teacher={init_path}"] + ([f"plan={plan_file}"] if stage == 3 else [])
+            init = [f"init={init_path}", f"teacher={init_path}"] + ([f"kd_plan={plan_file}"] if stage == 3 else [])
         for n in args.gpus if torch.cuda.is_available() and stage != 2 else [1]:
             run_dir = os.path.join(work, f"stage{stage}-{n}")
             sp = min(args.sp, n)
@@ -571,7 +573,7 @@ def bench_train(args):
                          f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
             if stage == 2:
                 overrides = [f"run_dir={run_dir}", "data=synthetic", f"synthetic_shape={json.dumps(shape)}",
-                             "calib_prompts=1", "calib_seeds=1", init[0]]
+                             "search_prompts=1", "search_seeds=1", init[0]]
             launcher = [sys.executable] if n == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
             here = os.path.dirname(os.path.abspath(__file__))

@@ -51,10 +51,10 @@ def checkpoints(run_dir: str) -> list[str]:
 
 
 class RunFolder:
-    def __init__(self, cfg, env, run_keys=()):
+    def __init__(self, cfg, env, run_keys=(), current_names=lambda values: values):
         """cfg: the run's TrainConfig (its class gives the defaults an older checkpoint lacks); run_keys: the keys
-        a resumed run may change."""
-        self.cfg, self.env, self.run_keys = cfg, env, run_keys
+        a resumed run may change; current_names: a saved config's values under today's key names."""
+        self.cfg, self.env, self.run_keys, self.current_names = cfg, env, run_keys, current_names
         self.dir = cfg.run_dir
         self.log_path = os.path.join(self.dir, "log.jsonl")
         self._lock_fd = None
@@ -237,7 +237,7 @@ class RunFolder:
                 self._set_aside(path, error)
                 continue
             # a key added since the checkpoint was written has its default (and an old value its current spelling)
-            saved = {**asdict(type(cfg)()), **state["config"]}
+            saved = {**asdict(type(cfg)()), **self.current_names(state["config"])}
             saved_cfg = ModelConfig(**saved_meta["model_config"])
             saved_model = {**config_dict(saved_cfg), "mask_plan": expand_plan(saved_meta.get("mask_plan", FULL),
                                                                                saved_cfg.depth)}

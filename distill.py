@@ -163,39 +163,39 @@ def write_plan(path, rows, threshold, num_frames):
 
 def calibration_embeddings(cfg, model):
     """The calibration conditions of a model that reads precomputed text embeddings: those of the first
-    cfg.calib_prompts items of cfg.data (a shard folder, or `synthetic`). -> ((text_emb, text_mask), the data's
+    cfg.search_prompts items of cfg.data (a shard folder, or `synthetic`). -> ((text_emb, text_mask), the data's
     empty-caption embedding or None)"""
     if cfg.data == "shapes":
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
     dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
-    batch = collate([dataset[i % len(dataset)] for i in range(cfg.calib_prompts)])
+    batch = collate([dataset[i % len(dataset)] for i in range(cfg.search_prompts)])
     return (batch["text_emb"].float(), batch["text_mask"].bool()), dataset.null_text
 
 
 def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     """Stage 2: measure every layer's error under every candidate mask along the `cfg.init` model's own
-    sampling trajectories (cfg.calib_prompts prompts x cfg.calib_seeds seeds), pick the plan for threshold
-    cfg.threshold (and for each r of cfg.sweep), write plan.yaml, plan-r{r}.yaml, search.pt and the PNGs to
+    sampling trajectories (cfg.search_prompts prompts x cfg.search_seeds seeds), pick the plan for threshold
+    cfg.search_threshold (and for each r of cfg.search_sweep), write plan.yaml, plan-r{r}.yaml, search.pt and the PNGs to
     cfg.run_dir (rank 0), print the table. -> one record per threshold: r, plan, mean sparsity, file."""
     model, meta = load_model(cfg.init, device)
     model.set_mask_plan([FULL])  # errors are measured against full attention
     T = meta["video_shape"][1] // model.cfg.patch_size[0]
-    candidates = sorted(cfg.candidates) or list(range(1, T))
+    candidates = sorted(cfg.search_candidates) or list(range(1, T))
     probe = AttentionProbe(candidates, model.cfg.depth, T)
-    prompts, null = (validation_prompts(cfg.calib_prompts, seed=cfg.seed + 1), None) \
+    prompts, null = (validation_prompts(cfg.search_prompts, seed=cfg.seed + 1), None) \
         if model.text_encoder is not None else calibration_embeddings(cfg, model)  # (evaluation's prompts: seed 0)
     sampler = flow.sampler_settings(meta)
     start = time.time()
     with probe.attached(model):
-        for seed in tqdm(range(cfg.calib_seeds), desc="calibration", disable=not is_main):
+        for seed in tqdm(range(cfg.search_seeds), desc="calibration", disable=not is_main):
             flow.generate(model, prompts, meta["video_shape"], sampler, seed=CALIBRATION_SEED + seed, null=null)
     errors = probe.errors()
     cost = {"seconds": round(time.time() - start, 2)}  # the calibration's time (and peak memory on a GPU)
     if device.type == "cuda":
         cost["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     records = []
-    for r in [cfg.threshold] + list(cfg.sweep):  # the paper's r sweep reuses the same measurements
+    for r in [cfg.search_threshold] + list(cfg.search_sweep):  # the paper's r sweep reuses the same measurements
         plan = choose_plan(errors, candidates, r)
         name = "plan.yaml" if not records else f"plan-r{r}.yaml"
         records.append({"threshold": r, "plan": plan, "mean_sparsity": None, "file": os.path.join(cfg.run_dir, name),

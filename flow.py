@@ -65,7 +65,13 @@ def euler_sample(velocity_fn, noise, steps: int, shift: float = 1.0, progress=No
     return x
 
 
-DEFAULT_SAMPLER = {"name": "euler", "steps": 50, "cfg": 1.0, "shift": 1.0}
+def euler_sampler(steps: int, cfg: float = 1.0, shift: float = 1.0) -> dict:
+    """The sampler a checkpoint's metadata names (sampler_settings reads it): Euler, `steps` steps, guidance `cfg`
+    (1: none), time shift `shift`."""
+    return {"name": "euler", "steps": steps, "cfg": cfg, "shift": shift}
+
+
+DEFAULT_SAMPLER = euler_sampler(50)
 
 
 def sampler_settings(meta: dict, steps=None, cfg=None, shift=None) -> dict:

@@ -9,13 +9,13 @@
 Rerunning a command resumes from the newest checkpoint in its run_dir. Every random draw of a sample (data,
 caption dropout, time, noise) comes from a generator seeded by (seed, step, the sample's place in the global
 batch), so a resumed run takes the same batches as an uninterrupted one, at any world size; torch's global RNG
-state is saved too. The run folder (its lock, checkpoints, resume, log, SIGTERM / SIGUSR1 preemption and export) is
-checkpoint.py's: the loop calls one RunFolder.
+state is saved too. The run folder (its lock, checkpoints, resume, log, SIGTERM / SIGUSR1 preemption and
+export) is checkpoint.py's: the loop calls one RunFolder.
 
-Scale: DDP by default; `fsdp: true` shards weights, gradients, optimizer state and the EMA over every rank with
-FSDP2 (bf16 weights in compute, fp32 gradient reduction and master weights); `sp_size` splits each sample's
-tokens (Ulysses, parallel.py); `activation_checkpointing` recomputes each block in the backward. The frozen
-teacher of stages 1 and 3 is kept whole in bf16 on every rank.
+Scale: DDP by default; `fsdp: true` shards weights, gradients, optimizer state and the EMA over every rank
+with FSDP2 (bf16 weights in compute, fp32 gradient reduction and master weights); `sp_size` splits each
+sample's tokens (Ulysses, parallel.py); `activation_checkpointing` recomputes each block in the backward. The
+frozen teacher of stages 1 and 3 is kept whole in bf16 on every rank.
 
 Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any other value is a folder of
 safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
@@ -30,6 +30,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -47,8 +48,6 @@ from data import (NULL_FILE, VOCABULARY, check_shard_headers, collate, moving_sh
 from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata
 
 
-STAGES = {0: "base", 1: "mlcd", 2: "mask search", 3: "sparse"}
-INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
 # DCP reading or writing a checkpoint in one process (fsdp: true without torchrun) is what we mean to do
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -59,13 +58,16 @@ RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "
 
 @dataclass
 class TrainConfig:
+    """Every key of a training config (configs/*.yaml), its default and what it does. Keys of one stage carry
+    its name: mlcd_* (stage 1), search_* (stage 2), kd_* (stage 3); their earlier names (segments,
+    threshold, plan, ...) still load (ALIASES)."""
     stage: int = 0                       # 0 base, 1 MLCD, 2 mask search, 3 sparse KD (distill.py)
     run_dir: str = "runs/stage0"
     model: str = "demo"                  # preset in model.py
     model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
     init: str = ""                       # weights to start from (later stages); empty = random init
-    data: str = "shapes"                 # "shapes", a folder of safetensors shards, or "synthetic" (benchmarks)
-    synthetic_shape: list = field(default_factory=lambda: [4, 8, 90, 160])  # data: synthetic: latents [C, T, H, W]
+    data: str = "shapes"                 # "shapes", a folder of safetensors shards, or "synthetic" (speed)
+    synthetic_shape: list = field(default_factory=lambda: [4, 8, 90, 160])  # data: synthetic: [C, T, H, W]
     num_frames: int = 16                 # shapes data only
     size: int = 32                       # shapes data only
     batch_size: int = 64                 # global, split over data-parallel ranks
@@ -90,33 +92,45 @@ class TrainConfig:
     keep: int = 2                        # checkpoints kept in run_dir
     save: bool = True                    # false: write no checkpoint (benchmarks)
     max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
-    profile: int = 0                     # > 0: a torch.profiler trace of the run's last N steps, written to
-                                         # run_dir/trace-rank{R}.json (chrome://tracing or ui.perfetto.dev)
+    profile: int = 0                     # > 0: trace the last N steps to run_dir/trace-rank{R}.json
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
-    attn_backend: str = "auto"           # the attention kernels: "auto", "flash", "gather" or "merge" (attention.py)
-    activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping its activations
+    attn_backend: str = "auto"           # "auto", "flash", "gather" or "merge" (attention.py)
+    activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping it
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
-    sample_steps: int = 50               # default sampler written into the checkpoint for sample.py
+    sample_steps: int = 50               # the sampler a stage-0 checkpoint carries for sample.py
     sample_cfg: float = 5.0
     sample_shift: float = 1.0
-    # stage 1 (MLCD): the teacher is the `teacher` checkpoint (default: `init`), frozen
-    teacher: str = ""
-    segments: int = 4                    # K: the student samples in K steps
-    teacher_steps: int = 64              # the teacher's Euler step is 1 / teacher_steps
-    teacher_cfg: float = 5.0             # guidance inside the teacher's step
-    target: str = "ema"                  # "ema" (the EMA student) or "stopgrad" (the student itself)
-    huber_c: float = 1e-3
-    # stage 2 (mask search on the `init` model; writes run_dir/plan.yaml and PNGs)
-    threshold: float = 0.1               # r: the largest relative L2 error of a layer's attention output
-    candidates: list = field(default_factory=list)  # k values to try; empty: 1 .. T-1
-    calib_prompts: int = 16
-    calib_seeds: int = 2
-    sweep: list = field(default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.4])  # also write plan-r{r}.yaml
-    # stage 3 (KD: `init` weights under `plan` learn from the same weights with full attention)
-    plan: str = ""                       # a stage-2 plan.yaml
+    teacher: str = ""                    # stages 1 and 3: the frozen teacher (default: init)
+    # stage 1, MLCD (distill.py)
+    mlcd_segments: int = 4               # K: the student samples in K steps
+    mlcd_teacher_steps: int = 64         # the teacher's Euler step is 1 / mlcd_teacher_steps
+    mlcd_teacher_cfg: float = 5.0        # guidance inside the teacher's step
+    mlcd_target: str = "ema"             # "ema" (the EMA student) or "stopgrad" (the student itself)
+    mlcd_huber_c: float = 1e-3
+    # stage 2, the mask search on `init` (distill.py): run_dir/plan.yaml, plan-r{r}.yaml, search.pt and PNGs
+    search_threshold: float = 0.1        # r: the largest relative L2 error of a layer's attention output
+    search_candidates: list = field(default_factory=list)  # k values to try; empty: 1 .. T-1
+    search_prompts: int = 16             # calibration prompts (or data items, for embedding models)
+    search_seeds: int = 2                # calibration noise seeds per prompt
+    search_sweep: list = field(default_factory=lambda: [0.025, 0.05, 0.1, 0.2, 0.4])  # plan-r{r}.yaml each
+    # stage 3, KD: `init` under `kd_plan` learns from the same weights with full attention (distill.py)
+    kd_plan: str = ""                    # a stage-2 plan.yaml
     kd_output_weight: float = 1.0
     kd_attn_weight: float = 1.0
+
+
+# the earlier names of the stage keys: configs, overrides and saved runs that use them still load
+ALIASES = {"segments": "mlcd_segments", "teacher_steps": "mlcd_teacher_steps",
+           "teacher_cfg": "mlcd_teacher_cfg", "target": "mlcd_target", "huber_c": "mlcd_huber_c",
+           "threshold": "search_threshold", "candidates": "search_candidates",
+           "calib_prompts": "search_prompts", "calib_seeds": "search_seeds", "sweep": "search_sweep",
+           "plan": "kd_plan"}
+
+
+def current_names(values: dict) -> dict:
+    """A config's values with the stage keys' earlier names replaced by today's."""
+    return {ALIASES.get(k, k): v for k, v in values.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def _coerce(name, value, default):
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
             try:
                 value = float(value)
-            except ValueError:  # not a number: reported below
+            except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{name} must be a number, got {value!r}")
@@ -150,19 +164,21 @@ def _coerce(name, value, default):
     return value
 
 
-# every numeric key's range: (lowest, highest, whether each end is allowed); a list key: the range of its items
-_POSITIVE, _NON_NEGATIVE, _FRACTION = (0, math.inf, False, False), (0, math.inf, True, False), (0, 1, True, True)
-_AT_LEAST_1 = (1, math.inf, True, False)
+# every numeric key's range: (lowest, highest, whether each end is allowed); a list key: each item's
+_POSITIVE, _NON_NEGATIVE = (0, math.inf, False, False), (0, math.inf, True, False)
+_FRACTION, _BELOW_1, _AT_LEAST_1 = (0, 1, True, True), (0, 1, True, False), (1, math.inf, True, False)
 RANGES = {
     "batch_size": _AT_LEAST_1, "micro_batch": _NON_NEGATIVE, "sp_size": _AT_LEAST_1, "steps": _NON_NEGATIVE,
     "lr": _POSITIVE, "warmup": _NON_NEGATIVE, "min_lr_frac": _FRACTION, "weight_decay": _NON_NEGATIVE,
-    "betas": (0, 1, True, False), "grad_clip": _POSITIVE, "ema": (0, 1, True, False), "caption_dropout": _FRACTION,
-    "t_shift": _POSITIVE, "seed": (0, 2**63 - 1, True, True), "log_every": _AT_LEAST_1, "ckpt_every": _AT_LEAST_1,
+    "betas": _BELOW_1, "grad_clip": _POSITIVE, "ema": _BELOW_1, "caption_dropout": _FRACTION,
+    "t_shift": _POSITIVE, "seed": (0, 2**63 - 1, True, True), "log_every": _AT_LEAST_1,
+    "ckpt_every": _AT_LEAST_1,
     "keep": _AT_LEAST_1, "max_minutes": _NON_NEGATIVE, "profile": _NON_NEGATIVE, "num_frames": _AT_LEAST_1,
     "size": (4, math.inf, True, False), "synthetic_shape": _AT_LEAST_1, "sample_steps": _AT_LEAST_1,
-    "sample_cfg": _NON_NEGATIVE, "sample_shift": _POSITIVE, "segments": _AT_LEAST_1, "teacher_steps": _AT_LEAST_1,
-    "teacher_cfg": _NON_NEGATIVE, "huber_c": _POSITIVE, "threshold": _POSITIVE, "candidates": _AT_LEAST_1,
-    "calib_prompts": _AT_LEAST_1, "calib_seeds": _AT_LEAST_1, "sweep": _POSITIVE, "kd_output_weight": _NON_NEGATIVE,
+    "sample_cfg": _NON_NEGATIVE, "sample_shift": _POSITIVE, "mlcd_segments": _AT_LEAST_1,
+    "mlcd_teacher_steps": _AT_LEAST_1, "mlcd_teacher_cfg": _NON_NEGATIVE, "mlcd_huber_c": _POSITIVE,
+    "search_threshold": _POSITIVE, "search_candidates": _AT_LEAST_1, "search_prompts": _AT_LEAST_1,
+    "search_seeds": _AT_LEAST_1, "search_sweep": _POSITIVE, "kd_output_weight": _NON_NEGATIVE,
     "kd_attn_weight": _NON_NEGATIVE,
 }
 
@@ -172,35 +188,40 @@ def check_ranges(cfg: TrainConfig):
     for key, (lo, hi, lo_ok, hi_ok) in RANGES.items():
         value = getattr(cfg, key)
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            inside = isinstance(v, int if key in ("candidates", "synthetic_shape") else (int, float)) and \
-                not isinstance(v, bool) and math.isfinite(v) and (lo < v or (lo_ok and v == lo)) and \
-                (v < hi or (hi_ok and v == hi))
+            kind = int if key in ("search_candidates", "synthetic_shape") else (int, float)
+            inside = isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and \
+                (lo < v or (lo_ok and v == lo)) and (v < hi or (hi_ok and v == hi))
             if not inside:
-                span = f"{'[' if lo_ok else '('}{lo}, {'inf' if hi == math.inf else hi}{']' if hi_ok else ')'}"
-                raise UserError(f"{key} must be in {span}{' (each item)' if isinstance(value, (list, tuple)) else ''}, "
-                                f"got {value!r}")
+                top = "inf" if hi == math.inf else hi
+                span = f"{'[' if lo_ok else '('}{lo}, {top}{']' if hi_ok else ')'}"
+                each = " (each item)" if isinstance(value, (list, tuple)) else ""
+                raise UserError(f"{key} must be in {span}{each}, got {value!r}")
     if len(cfg.synthetic_shape) != 4 or len(cfg.betas) != 2:
-        raise UserError(f"synthetic_shape is [C, T, H, W] and betas a pair, got {cfg.synthetic_shape} and {cfg.betas}")
+        raise UserError(f"synthetic_shape is [C, T, H, W] and betas a pair, got {cfg.synthetic_shape} and "
+                        f"{cfg.betas}")
 
 
 def make_config(values: dict) -> TrainConfig:
+    """A TrainConfig from a dict of values (earlier key names read too), checked now, before any start-up:
+    keys, types, ranges, the model preset and its overrides, the backend's name and what the stage needs."""
+    values = current_names(values)
     defaults = TrainConfig()
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
     unknown = set(values) - set(valid)
     if unknown:
         raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
-    model_config(cfg.model, **cfg.model_args)  # validates the model part now, not after start-up
+    model_config(cfg.model, **cfg.model_args)
     cfg.attn_backend = backend_name(cfg.attn_backend)
     check_ranges(cfg)
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
-    if cfg.stage >= 1 and not (cfg.init or cfg.teacher):
-        raise UserError(f"stage {cfg.stage} distils a trained model: set init (and optionally teacher)")
-    if cfg.stage == 3 and not cfg.plan:
-        raise UserError("stage 3 needs plan: the plan.yaml written by stage 2")
-    if cfg.target not in ("ema", "stopgrad") or cfg.segments < 1 or cfg.teacher_steps < cfg.segments:
-        raise UserError("target must be 'ema' or 'stopgrad', segments >= 1 and teacher_steps >= segments")
+    for group in STAGES[cfg.stage].needs:
+        if not any(getattr(cfg, key) for key in group):
+            raise UserError(f"stage {cfg.stage} ({STAGES[cfg.stage].kind}) needs {' or '.join(group)}: "
+                            f"{NEEDED[group[0]]}")
+    if cfg.mlcd_target not in ("ema", "stopgrad") or cfg.mlcd_teacher_steps < cfg.mlcd_segments:
+        raise UserError("mlcd_target must be 'ema' or 'stopgrad', and mlcd_teacher_steps >= mlcd_segments")
     return cfg
 
 
@@ -240,29 +261,32 @@ def check_inputs(cfg: TrainConfig):
             except UserError as e:
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
-    if cfg.stage in (1, 3) and cfg.init and cfg.teacher:  # the teacher must read what the student reads
-        student, teacher = (config_dict(ModelConfig(**read_metadata(p)["model_config"])) for p in (cfg.init, cfg.teacher))
-        keys = INPUT_KEYS if cfg.stage == 1 else list(student)
+    stage = STAGES[cfg.stage]
+    if stage.teacher and cfg.init and cfg.teacher:
+        keys, why = stage.teacher
+        student, teacher = (config_dict(ModelConfig(**read_metadata(path)["model_config"]))
+                            for path in (cfg.init, cfg.teacher))
         differ = [f"{k} {teacher[k]} vs {student[k]}" for k in keys if teacher[k] != student[k]]
         if differ:
-            raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} ({'; '.join(differ)}): "
-                            + ("stage 3 pairs their layers one to one" if cfg.stage == 3 else
-                               "stage 1's teacher must read the student's latents and text"))
+            raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} "
+                            f"({'; '.join(differ)}): {why}")
     pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
-    uses_null = cfg.caption_dropout > 0 or (cfg.stage == 1 and cfg.teacher_cfg != 1)
-    if pretrained and uses_null and cfg.data != "shapes" and not os.path.isfile(os.path.join(cfg.data, NULL_FILE)):
-        raise UserError(f"{pretrained[0]!r} is a pretrained model: its empty caption is its text encoder's embedding, "
-                        f"not a zero token, and caption dropout or guidance needs it as {cfg.data}/{NULL_FILE} "
-                        "(python wan.py embed --pipeline PIPELINE --prompt '' --out ...)")
-    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else model_config(cfg.model, **cfg.model_args).heads
+    uses_null = cfg.caption_dropout > 0 or (stage.guided_teacher and cfg.mlcd_teacher_cfg != 1)
+    null_file = os.path.join(cfg.data, NULL_FILE)
+    if pretrained and uses_null and cfg.data != "shapes" and not os.path.isfile(null_file):
+        raise UserError(f"{pretrained[0]!r} is a pretrained model: its empty caption is its text encoder's "
+                        f"embedding, not a zero token, and caption dropout or guidance needs it as "
+                        f"{null_file} (python wan.py embed --pipeline PIPELINE --prompt '' --out ...)")
+    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else \
+        model_config(cfg.model, **cfg.model_args).heads
     parallel.check_heads(heads, cfg.sp_size)
-    if cfg.stage == 3:
-        load_plan(cfg.plan)
+    if stage.uses("kd_plan"):
+        load_plan(cfg.kd_plan)
     if cfg.data not in ("shapes", "synthetic"):
         if not os.path.isdir(cfg.data):
             raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes', 'synthetic' or a folder of "
                             "safetensors shards")
-        check_shard_headers(shard_paths(cfg.data))  # before any model loads; their values when they are read
+        check_shard_headers(shard_paths(cfg.data))
     parallel.pick_device(cfg.device or None)
 
 
@@ -273,11 +297,12 @@ DATA, NOISE = 0, 1  # a sample's two random streams: what it shows, and its trai
 
 
 def sample_generator(cfg, step, index, device, stream):
-    """The generator of one stream of one sample's random draws at one step. index is the sample's place in the
-    step's global batch, so a step draws the same batch whatever the world size, sp_size or micro-batch."""
+    """The generator of one stream of one sample's random draws at one step. index is the sample's place in
+    the step's global batch, so a step draws the same batch whatever the world size, sp_size or micro-
+    batch."""
     key = hashlib.blake2b(f"{cfg.seed}/{step}/{index}/{stream}".encode(), digest_size=8).digest()
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(key, "little") % 2**63)  # distinct for every (seed, step, index, stream)
+    g.manual_seed(int.from_bytes(key, "little") % 2**63)
     return g
 
 
@@ -313,89 +338,225 @@ def learning_rate(cfg, step):
 
 
 def draw_noise(cfg, x0, step, first):
-    """The times t [B] and noise eps (shaped like x0) of samples first .. first + B - 1 of a step, drawn before
-    the local batch is split into micro-batches."""
+    """The times t [B] and noise eps (shaped like x0) of samples first .. first + B - 1 of a step, drawn
+    before the local batch is split into micro-batches."""
     ts, eps = [], []
     for j in range(x0.shape[0]):
         g = sample_generator(cfg, step, first + j, x0.device, NOISE)
-        ts.append(flow.sample_t(1, g, x0.device, cfg.t_dist, cfg.t_shift) if cfg.stage == 0 else
-                  distill.sample_times(1, g, x0.device))
+        ts.append(STAGES[cfg.stage].times(cfg, g, x0.device))
         eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
     return torch.cat(ts), torch.stack(eps)
 
 
-def stage0_loss(model, x0, text, mask, t, eps):
-    """Rectified flow: regress the velocity eps - x0 at time t of the straight path."""
-    return flow.flow_loss(lambda xt, tt: model(xt, tt, text, mask), x0, t, eps)
+# ----------------------------------------------------------------------------------------------------------
+# The stages: what each one trains, and how
 
-
-def stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond):
-    """MLCD (distill.py): the student's jump to the segment start matches the teacher-step-then-target jump.
-    uncond: the teacher's encoding of the empty caption (the same every step)."""
-    with torch.no_grad():
-        cond = teacher.encode_text(text, mask)
-    return distill.mlcd_loss(
-        student_fn=lambda x, tt: net(x, tt, text, mask),
-        teacher_fn=lambda x, tt: flow.cfg_velocity(teacher, x, tt, cond, uncond, cfg.teacher_cfg),
-        target_fn=lambda x, tt: target(x, tt, text, mask),
-        x0=x0, eps=eps, t=t, num_segments=cfg.segments, teacher_steps=cfg.teacher_steps, huber_c=cfg.huber_c)
-
-
-def stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps):
-    """KD (distill.py): the sparse student matches the full-attention teacher's velocity and every layer's
-    attention output on the same noisy input."""
-    x_t = flow.interpolate(x0, eps, t)
-    student, teach = recorders
-    with torch.no_grad(), teach:
-        v_teacher = teacher(x_t, t, text, mask)
-    with student:
-        v_student = net(x_t, t, text, mask)
-    loss = distill.kd_loss(v_student, v_teacher, student.outputs, teach.outputs, cfg.kd_output_weight,
-                           cfg.kd_attn_weight, teacher.sp_group)
-    student.outputs, teach.outputs = [], []  # the loss keeps what its backward needs: freed as the backward starts
-    return loss
-
-
-def make_objective(cfg, model, net, ema, env, compile_: bool, null=None):
-    """-> loss(x0, text, mask, t, eps) for the configured stage, with what that stage needs loaded once. null: the
-    data's empty-caption embedding (stage 1's guidance), if it has one."""
-    if cfg.stage == 0:
-        return lambda x0, text, mask, t, eps: stage0_loss(net, x0, text, mask, t, eps)
+def load_teacher(cfg, env, compile_: bool) -> DiT:
+    """The frozen teacher of stages 1 and 3 (`teacher`, default `init`): bf16 on a GPU, kept whole on every
+    rank, sequence-parallel like the student."""
     device = env.device
-    teacher, _ = load_model(cfg.teacher or cfg.init, device, torch.bfloat16 if device.type == "cuda" else None)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    teacher, _ = load_model(cfg.teacher or cfg.init, device, dtype)
     teacher.set_attn_backend(cfg.attn_backend)
     teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
     if compile_:
         teacher.compile_blocks()
-    if cfg.stage == 3:
-        teacher.set_mask_plan(FULL)
-        recorders = distill.AttentionRecorder(model, detach=False), distill.AttentionRecorder(teacher, detach=True)
-        return lambda x0, text, mask, t, eps: stage3_loss(net, teacher, recorders, cfg, x0, text, mask, t, eps)
-    target = ema if cfg.target == "ema" else model
-    uncond = {}  # batch size -> the teacher's encoding of the empty caption, computed once
+    return teacher
 
+
+def base_objective(cfg, parts, env, compile_):
+    """Stage 0, rectified flow: regress the velocity eps - x0 at time t of the straight path."""
     def loss(x0, text, mask, t, eps):
-        n = x0.shape[0]
-        if n not in uncond:
-            with torch.no_grad():
-                uncond[n] = teacher.encode_text(*(x.to(device) for x in flow.null_text(model, n, text, null)))
-        return stage1_loss(net, teacher, target, cfg, x0, text, mask, t, eps, uncond[n])
+        return flow.flow_loss(lambda x_t, tt: parts.net(x_t, tt, text, mask), x0, t, eps)
     return loss
 
 
+def mlcd_objective(cfg, parts, env, compile_):
+    """Stage 1, MLCD (distill.py): the student's jump to its segment start matches the teacher's guided Euler
+    step followed by the target network's jump (the EMA student, or the student itself: `target`). The
+    teacher's unconditional input is the data's empty caption, encoded once per batch size."""
+    teacher = load_teacher(cfg, env, compile_)
+    target = parts.ema if cfg.mlcd_target == "ema" else parts.model
+    uncond = {}
+
+    def loss(x0, text, mask, t, eps):
+        n = x0.shape[0]
+        with torch.no_grad():
+            if n not in uncond:
+                null = flow.null_text(parts.model, n, text, parts.null_text)
+                uncond[n] = teacher.encode_text(*(x.to(env.device) for x in null))
+            cond = teacher.encode_text(text, mask)
+        return distill.mlcd_loss(
+            student_fn=lambda x, tt: parts.net(x, tt, text, mask),
+            teacher_fn=lambda x, tt: flow.cfg_velocity(teacher, x, tt, cond, uncond[n], cfg.mlcd_teacher_cfg),
+            target_fn=lambda x, tt: target(x, tt, text, mask),
+            x0=x0, eps=eps, t=t, num_segments=cfg.mlcd_segments, teacher_steps=cfg.mlcd_teacher_steps,
+            huber_c=cfg.mlcd_huber_c)
+    return loss
+
+
+def kd_objective(cfg, parts, env, compile_):
+    """Stage 3, KD (distill.py): the sparse student matches the full-attention teacher's velocity and every
+    layer's attention output on the same noisy input."""
+    teacher = load_teacher(cfg, env, compile_)
+    teacher.set_mask_plan(FULL)
+    student_attn = distill.AttentionRecorder(parts.model, detach=False)
+    teacher_attn = distill.AttentionRecorder(teacher, detach=True)
+
+    def loss(x0, text, mask, t, eps):
+        x_t = flow.interpolate(x0, eps, t)
+        with torch.no_grad(), teacher_attn:
+            v_teacher = teacher(x_t, t, text, mask)
+        with student_attn:
+            v_student = parts.net(x_t, t, text, mask)
+        value = distill.kd_loss(v_student, v_teacher, student_attn.outputs, teacher_attn.outputs,
+                                cfg.kd_output_weight, cfg.kd_attn_weight, teacher.sp_group)
+        student_attn.outputs, teacher_attn.outputs = [], []  # the loss holds what its backward needs
+        return value
+    return loss
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the recipe as every part of train.py reads it: the checkpoint kind it writes, the keys it
+    needs (of each tuple, one), the model keys its teacher must share with the student and why, whether its
+    objective guides the teacher, how it draws a sample's training time, its objective and the sampler its
+    checkpoints carry; or (stage 2) a search instead of training."""
+    kind: str
+    needs: tuple = ()
+    teacher: tuple = ()  # (keys, why)
+    guided_teacher: bool = False
+    times: Callable | None = None  # (cfg, generator, device) -> t [1]
+    objective: Callable | None = None  # (cfg, parts, env, compile) -> loss(x0, text, mask, t, eps)
+    sampler: Callable | None = None  # (cfg, the init checkpoint's metadata) -> flow.euler_sampler(...)
+    search: Callable | None = None  # (cfg, device, is_main) -> records
+
+    def uses(self, key: str) -> bool:
+        return any(key in group for group in self.needs)
+
+
+ARCH_KEYS = tuple(f.name for f in fields(ModelConfig))
+INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
+STAGES = {
+    0: Stage("base", times=lambda cfg, g, device: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
+             objective=base_objective,
+             sampler=lambda cfg, _: flow.euler_sampler(cfg.sample_steps, cfg.sample_cfg, cfg.sample_shift)),
+    1: Stage("mlcd", needs=(("init", "teacher"),), guided_teacher=True,
+             teacher=(INPUT_KEYS, "stage 1's teacher must read the student's latents and text"),
+             times=lambda cfg, g, device: distill.sample_times(1, g, device), objective=mlcd_objective,
+             sampler=lambda cfg, init: flow.euler_sampler(cfg.mlcd_segments)),
+    2: Stage("mask search", needs=(("init",),), search=distill.mask_search),
+    3: Stage("sparse", needs=(("init", "teacher"), ("kd_plan",)),
+             teacher=(ARCH_KEYS, "stage 3 pairs their layers one to one"),
+             times=lambda cfg, g, device: distill.sample_times(1, g, device), objective=kd_objective,
+             sampler=lambda cfg, init: init["sampler"]),
+}
+NEEDED = {"init": "a trained model to distil", "teacher": "a trained model to distil",
+          "kd_plan": "the plan.yaml written by stage 2"}
+
+
 def checkpoint_meta(cfg, video_shape, init_meta):
-    """What sample.py needs to know: the kind of model and how it samples (stage 3 keeps its init's sampler)."""
-    sampler = {"name": "euler", "steps": cfg.sample_steps, "cfg": cfg.sample_cfg, "shift": cfg.sample_shift}
-    if cfg.stage == 1:
-        sampler = {"name": "euler", "steps": cfg.segments, "cfg": 1.0, "shift": 1.0}
-    elif cfg.stage == 3:
-        sampler = init_meta["sampler"]
-    meta = {"kind": STAGES[cfg.stage], "train_config": asdict(cfg), "video_shape": video_shape, "sampler": sampler}
-    if "fps" in init_meta:  # a pretrained video model's frame rate (Wan), for sample.py
+    """What sample.py needs to know: the kind of model, how it samples, the latents' shape, a pretrained video
+    model's frame rate (Wan) and the built-in data's vocabulary (to check prompts against)."""
+    meta = {"kind": STAGES[cfg.stage].kind, "train_config": asdict(cfg), "video_shape": video_shape,
+            "sampler": STAGES[cfg.stage].sampler(cfg, init_meta)}
+    if "fps" in init_meta:
         meta["fps"] = init_meta["fps"]
-    if cfg.data == "shapes":  # sample.py checks prompts against it
+    if cfg.data == "shapes":
         meta["vocabulary"] = VOCABULARY
     return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up: the student, its EMA, compilation, sharding, the optimizer
+
+@dataclass
+class Parts:
+    """What a training step works on."""
+    model: DiT  # the student, its weights as saved (FSDP shards them in place)
+    ema: DiT
+    net: torch.nn.Module  # what the objective calls: the model, or DDP around it
+    opt: torch.optim.Optimizer
+    dataset: object  # None: the built-in shapes, rendered per sample
+    null_text: tuple | None  # the data's empty-caption embedding (data.py's null.safetensors)
+    local_batch: int  # this data-parallel group's share of batch_size
+    micro_batch: int
+    autocast: object
+    sharded: bool  # FSDP2
+    objective: Callable | None = None
+
+
+def build_student(cfg, env) -> tuple[DiT, dict]:
+    """The student: `init`'s weights (or a fresh cfg.model), stage 3's plan, the run's backend, on the device,
+    sequence-parallel, with activation checkpointing as asked. -> (model, init's metadata)"""
+    init_meta = {}
+    if cfg.init:
+        model, init_meta = load_model(cfg.init)
+    else:
+        model = DiT(model_config(cfg.model, **cfg.model_args))
+    if STAGES[cfg.stage].uses("kd_plan"):
+        model.set_mask_plan(load_plan(cfg.kd_plan))
+    model.set_attn_backend(cfg.attn_backend)
+    model.to(env.device).train()
+    model.enable_sequence_parallel(env.sp_group)
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    return model, init_meta
+
+
+def build_ema(model: DiT, env) -> DiT:
+    """The EMA of the student's weights (stage 1's target network, and what --export ships)."""
+    ema = DiT(copy.deepcopy(model.cfg), model.mask_plan, model.attn_backend).to(env.device)
+    ema.eval().requires_grad_(False).load_state_dict(model.state_dict())
+    ema.enable_sequence_parallel(env.sp_group)
+    return ema
+
+
+def build_optimizer(cfg, model) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only; fused on a GPU (FSDP2's shards too)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                             fused=next(model.parameters()).is_cuda)
+
+
+def set_up(cfg, env, run) -> tuple[Parts, int, dict]:
+    """Student, EMA, compiled blocks, FSDP2 or DDP, optimizer, the resumed checkpoint, data and objective, in
+    that order. FSDP2 (fsdp: true on several processes; in one, it changes only the checkpoint format)
+    gathers weights in bf16, reduces gradients in fp32 and keeps the fp32 master weights sharded. ->
+    (parts, the step to start from, the metadata every checkpoint carries)"""
+    device = env.device
+    model, init_meta = build_student(cfg, env)
+    ema = build_ema(model, env)
+    compile_ = cfg.compile and device.type == "cuda"
+    if compile_:
+        model.compile_blocks()
+        ema.compile_blocks()
+    sharded = cfg.fsdp and env.world > 1
+    if sharded:
+        bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
+        parallel.fully_shard_model(model, device, bf16)
+        parallel.fully_shard_model(ema, device, bf16)
+    opt = build_optimizer(cfg, model)
+    start, resumed = run.resume(model, ema, opt)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
+    shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
+        list(dataset[0]["video"].shape)
+    net = model
+    if env.world > 1 and not sharded:
+        ids = [device] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    local = cfg.batch_size // env.dp_size
+    parts = Parts(model, ema, net, opt, dataset, getattr(dataset, "null_text", None), local,
+                  min(cfg.micro_batch or (local if device.type == "cuda" else CPU_MICRO_BATCH), local),
+                  torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"), sharded)
+    parts.objective = STAGES[cfg.stage].objective(cfg, parts, env, compile_)
+    if env.is_main:
+        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
+              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}{', FSDP' if sharded else ''}, "
+              f"micro-batch {parts.micro_batch}), steps {start} -> {cfg.steps}"
+              + (f" (resumed from {resumed})" if resumed else ""))
+    return parts, start, checkpoint_meta(cfg, shape, init_meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -407,154 +568,130 @@ def train(cfg: TrainConfig) -> list[dict]:
     env = parallel.setup(cfg.device or None, cfg.sp_size)
     if cfg.batch_size % env.dp_size:
         raise UserError(f"batch_size={cfg.batch_size} does not split over {env.dp_size} data-parallel groups "
-                        f"({env.world} processes / sp_size {env.sp_size}): make it a multiple of {env.dp_size}")
-    with checkpoint.RunFolder(cfg, env, RUN_KEYS) as run:  # one writer per run_dir
-        return run_stage(cfg, env, run)
-
-
-def run_stage(cfg: TrainConfig, env, run) -> list[dict]:
-    """The configured stage on this process's share of the work, with run (checkpoint.RunFolder) holding run_dir."""
-    device = env.device
-    local_bs = cfg.batch_size // env.dp_size
-    micro = cfg.micro_batch or (local_bs if device.type == "cuda" else CPU_MICRO_BATCH)
+                        f"({env.world} processes / sp_size {env.sp_size}): make it a multiple of "
+                        f"{env.dp_size}")
     torch.manual_seed(cfg.seed)
+    with checkpoint.RunFolder(cfg, env, RUN_KEYS, current_names) as run:
+        stage = STAGES[cfg.stage]
+        if stage.search:
+            return search(cfg, env, run, stage)
+        parts, start, meta = set_up(cfg, env, run)
+        return train_loop(cfg, env, run, parts, start, meta)
 
-    if cfg.stage == 2:  # no training: the search measures and writes plans (distill.py)
-        records = distill.mask_search(cfg, device, env.is_main)
-        if env.is_main:
-            with atomic_output(run.log_path) as tmp, open(tmp, "w") as f:
-                f.writelines(json.dumps({k: v for k, v in r.items() if k != "rows"}) + "\n" for r in records)
-        return records
-    init_meta = {}
-    if cfg.init:
-        model, init_meta = load_model(cfg.init)
-    else:
-        model = DiT(model_config(cfg.model, **cfg.model_args))
-    if cfg.stage == 3:
-        model.set_mask_plan(load_plan(cfg.plan))
-    model.set_attn_backend(cfg.attn_backend)
-    model.to(device).train()
-    model.enable_sequence_parallel(env.sp_group)
-    model.checkpoint_blocks = cfg.activation_checkpointing
-    ema = DiT(copy.deepcopy(model.cfg), model.mask_plan, model.attn_backend).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    ema.enable_sequence_parallel(env.sp_group)
-    compile_ = cfg.compile and device.type == "cuda"
-    if compile_:
-        model.compile_blocks()
-        ema.compile_blocks()  # stage 1's target network
-    sharded = cfg.fsdp and env.world > 1  # one process: fsdp changes only the checkpoint format
-    if sharded:
-        bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
-        parallel.fully_shard_model(model, device, bf16)
-        parallel.fully_shard_model(ema, device, bf16)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda")  # fused works on FSDP2 shards too
 
-    start, resumed = run.resume(model, ema, opt)
-    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
-    shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
-        list(dataset[0]["video"].shape)
-    meta = checkpoint_meta(cfg, shape, init_meta)
-
-    net = model
-    if env.world > 1 and not sharded:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    objective = make_objective(cfg, model, net, ema, env, compile_, getattr(dataset, "null_text", None))
-
+def search(cfg, env, run, stage) -> list[dict]:
+    """Stage 2: no training; the search measures and writes its plans (distill.py), its records to the log."""
+    records = stage.search(cfg, env.device, env.is_main)
     if env.is_main:
-        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
-              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}{', FSDP' if sharded else ''}, "
-              f"micro-batch {min(micro, local_bs)}), "
-              f"steps {start} -> {cfg.steps}" + (f" (resumed from {resumed})" if resumed else ""))
-    records, bad = [], torch.zeros((), dtype=torch.bool, device=device)
-    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main, dynamic_ncols=True)
+        with atomic_output(run.log_path) as tmp, open(tmp, "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "rows"}) + "\n" for r in records)
+    return records
+
+
+def train_step(cfg, env, parts: Parts, step: int):
+    """One optimizer step: this group's slice of the step's global batch in micro-batches (gradients summed),
+    the AdamW update with the gradient norm clipped over all shards, and the EMA (sharded like the model:
+    each rank updates its own shard). The ranks of a sequence-parallel group draw the same samples, times
+    and noise. -> (loss: a tensor, no host sync; gradient norm; learning rate)"""
+    lr = learning_rate(cfg, step)
+    for group in parts.opt.param_groups:
+        group["lr"] = lr
+    first = env.dp_rank * parts.local_batch
+    x0, text, mask = get_batch(cfg, parts.model, parts.dataset, step, first, parts.local_batch, env.device)
+    t, eps = draw_noise(cfg, x0, step, first)
+    parts.opt.zero_grad(set_to_none=True)
+    loss, micro, n = 0.0, parts.micro_batch, parts.local_batch
+    for i in range(0, n, micro):
+        part = slice(i, i + micro)
+        with parts.autocast, gradient_sync(parts.net, last=i + micro >= n):
+            share = len(t[part]) / n
+            part_loss = parts.objective(x0[part], text[part], mask[part], t[part], eps[part]) * share
+            parallel.backward(part_loss, env.sp_size)
+        loss = loss + part_loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+    parts.opt.step()
+    if parts.sharded:  # stage 1's target forward leaves the EMA's root weights gathered (FSDP keeps a root's)
+        parts.ema.reshard()
+    with torch.no_grad():
+        torch._foreach_lerp_([parallel.local_tensor(p) for p in parts.ema.parameters()],
+                             [parallel.local_tensor(p) for p in parts.model.parameters()], 1 - cfg.ema)
+    return loss, grad_norm, lr
+
+
+def train_loop(cfg, env, run, parts: Parts, start: int, meta: dict) -> list[dict]:
+    """Steps start .. cfg.steps: a log record every log_every steps (the only host sync), a checkpoint every
+    ckpt_every and at the end; a stop signal or max_minutes ends it after a checkpoint. Every rank returns
+    once rank 0's last checkpoint is on disk. -> the log records"""
+    records, bad = [], torch.zeros((), dtype=torch.bool, device=env.device)
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main,
+                dynamic_ncols=True)
     t_start = t_last = time.time()
     step_last = start
     prof = step_profiler(cfg, start, env)
-    # a profiler stops (and writes its trace) however the loop ends; SIGTERM / SIGUSR1 end it after a checkpoint
+    # a profiler stops (and writes its trace) however the loop ends; a stop signal ends it after a checkpoint
     with prof or nullcontext(), run.preemptible():
         for step in pbar:
-            lr = learning_rate(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # each data-parallel group takes its slice of the global batch; the ranks of a sequence-parallel group
-            # draw the same samples, times and noise
-            first = env.dp_rank * local_bs
-            x0, text, mask = get_batch(cfg, model, dataset, step, first, local_bs, device)
-            t, eps = draw_noise(cfg, x0, step, first)
-            opt.zero_grad(set_to_none=True)
-            loss = 0.0
-            for i in range(0, local_bs, micro):  # gradient accumulation over micro-batches
-                part = slice(i, i + micro)
-                last = i + micro >= local_bs  # DDP reduces the gradients once, after the last micro-batch
-                with autocast, gradient_sync(net, last):
-                    part_loss = objective(x0[part], text[part], mask[part], t[part], eps[part]) * \
-                        (len(t[part]) / local_bs)
-                    parallel.backward(part_loss, env.sp_size)
-                loss = loss + part_loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # over all shards
-            opt.step()
-            if sharded:  # stage 1's target forward leaves the EMA's root weights gathered (FSDP keeps a root's)
-                ema.reshard()
-            with torch.no_grad():  # EMA and model are sharded alike: each rank updates its own shard
-                torch._foreach_lerp_([parallel.local_tensor(p) for p in ema.parameters()],
-                                     [parallel.local_tensor(p) for p in model.parameters()], 1 - cfg.ema)
+            loss, grad_norm, lr = train_step(cfg, env, parts, step)
             bad |= ~torch.isfinite(loss)
-
             done = step + 1
-            if done == start + 1 and device.type == "cpu":  # a GPU-sized config on a CPU: say what it will take
-                hours = (time.time() - t_start) * (cfg.steps - done) / 3600
-                if hours > 1:
-                    warn(f"on this CPU one step takes {time.time() - t_start:.0f} s: {cfg.steps - done} more steps "
-                         f"will take about {hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
+            if done == start + 1 and env.device.type == "cpu":
+                warn_if_slow(cfg, done, time.time() - t_start)
             # one CPU all-reduce a step (no GPU sync): every rank stops after the same step
-            stop, out_of_time = run.should_stop(cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes)
+            stop, out_of_time = run.should_stop(0 < cfg.max_minutes < (time.time() - t_start) / 60)
             last_step = done == cfg.steps or out_of_time or stop
             if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
-                if parallel.any_rank(bad.item(), device):  # the only host sync: once per interval
+                if parallel.any_rank(bad.item(), env.device):
                     last = checkpoint.checkpoints(cfg.run_dir)
-                    raise FloatingPointError(f"loss became {loss.item()} by step {done}; stopping. Last good "
-                                             f"checkpoint: {last[-1] if last else 'none'} (rerun to resume from it, "
-                                             "e.g. with a lower lr)")
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} by step {done}; stopping. Last good checkpoint: "
+                        f"{last[-1] if last else 'none'} (rerun to resume from it, e.g. with a lower lr)")
                 now = time.time()
                 rate = (done - step_last) / max(now - t_last, 1e-9)
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                rec = {"step": done, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
-                       "lr": lr, "it_s": rate,
-                       "videos_s": rate * cfg.batch_size, "time": now}
-                if device.type == "cuda":
-                    rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                rec = log_record(cfg, env, done, loss, grad_norm, lr, rate)
                 t_last, step_last = now, done
                 records.append(rec)
                 if env.is_main:
-                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rate:.1f}")
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['it_s']:.1f}")
                 run.log(rec)
             if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
-                run.save(done, model, ema, opt, {**meta, "step": done})
-                stop = stop or (not last_step and run.should_stop()[0])  # a signal during the save: this one counts
+                run.save(done, parts.model, parts.ema, parts.opt, {**meta, "step": done})
+                stop = stop or (not last_step and run.should_stop()[0])  # a signal during the save counts now
             if prof:
                 prof.step()
             if out_of_time or stop:
                 if env.is_main:
                     why = f"max_minutes={cfg.max_minutes} reached" if out_of_time else \
                         f"{run.stop_signal or 'a stop signal'} received"
-                    print(f"{why}: stopped after step {done}{' with a checkpoint' if cfg.save else ''}; rerun to resume")
+                    saved = " with a checkpoint" if cfg.save else ""
+                    print(f"{why}: stopped after step {done}{saved}; rerun to resume")
                 break
     pbar.close()
-    parallel.barrier()  # every rank returns once rank 0's last checkpoint is on disk
+    parallel.barrier()
     return records
 
 
+def log_record(cfg, env, step, loss, grad_norm, lr, rate) -> dict:
+    """One log line: the loss (mean over ranks), gradient norm, learning rate, speed, time and peak memory."""
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    rec = {"step": step, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
+           "lr": lr, "it_s": rate, "videos_s": rate * cfg.batch_size, "time": time.time()}
+    if env.device.type == "cuda":
+        rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return rec
+
+
+def warn_if_slow(cfg, done: int, seconds: float):
+    """A GPU-sized config on a CPU: say what it will take."""
+    hours = seconds * (cfg.steps - done) / 3600
+    if hours > 1:
+        warn(f"on this CPU one step takes {seconds:.0f} s: {cfg.steps - done} more steps will take about "
+             f"{hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
+
+
 def step_profiler(cfg, start, env):
-    """None, or (cfg.profile > 0 and steps left to run) a torch.profiler that records the run's last cfg.profile
-    steps (each with its logging and any checkpoint it writes), after one warm-up step, and writes them to
-    run_dir/trace-rank{R}.json; the loop runs inside it and calls .step() after each step."""
+    """None, or (cfg.profile > 0 and steps left to run) a torch.profiler that records the run's last
+    cfg.profile steps (each with its logging and any checkpoint it writes), after one warm-up step, and
+    writes them to run_dir/trace-rank{R}.json; the loop runs inside it and calls .step() after each step."""
     active = min(cfg.profile, cfg.steps - start)
     if active <= 0:
         return None
@@ -563,15 +700,16 @@ def step_profiler(cfg, start, env):
     path = os.path.join(cfg.run_dir, f"trace-rank{env.rank}.json")
     if os.path.exists(path):  # an older run's trace is not this one's
         os.remove(path)
-    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if env.device.type == "cuda" else []),
+    cuda = [ProfilerActivity.CUDA] if env.device.type == "cuda" else []
+    return profile(activities=[ProfilerActivity.CPU] + cuda,
                    schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=active, repeat=1),
                    on_trace_ready=lambda p: p.export_chrome_trace(path))
 
 
-def gradient_sync(net, on: bool):
-    """A context in which DDP's backward all-reduces the gradients only if `on` (the last micro-batch). FSDP
+def gradient_sync(net, last: bool):
+    """A context in which DDP's backward all-reduces the gradients only on the `last` micro-batch. FSDP
     reduce-scatters after every micro-batch (the shards accumulate), so no unsharded gradient outlives one."""
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel) and not on:
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel) and not last:
         return net.no_sync()
     return nullcontext()
 

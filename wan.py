@@ -31,6 +31,7 @@ import torch
 
 from attention import FULL, expand_plan, save_plan
 from cli import UserError, atomic_output, entry_point
+from flow import euler_sampler, time_grid
 from model import (PRESETS, TIME_FEATURES, WAN, Attend, DiT, ModelConfig, config_dict, load_safetensors, model_config,
                    model_from_weights)
 
@@ -53,7 +54,7 @@ DIFFUSERS_DEFAULTS = dict(patch_size=[1, 2, 2], num_attention_heads=40, attentio
 # (the first latent frame is the first video frame alone, every other one 4 frames), 480p / 720p through the
 # 8x VAE of Wan 2.1, 121 frames at 704 x 1280 through Wan 2.2's 16x VAE. A time shift s maps t -> s t / (1 + (s-1) t)
 # in both codebases (flow.shift_t); our sampler is Euler where Wan's pipelines default to UniPC.
-WAN_SAMPLER = {"name": "euler", "steps": 50, "cfg": 5.0, "shift": 5.0}
+WAN_SAMPLER = euler_sampler(50, cfg=5.0, shift=5.0)
 FPS = {"wan2.2-5b": 24}  # the frame rate each model was made for (Wan 2.1: 16)
 VIDEO_SHAPES = {"wan2.1-1.3b": [16, 21, 60, 104], "wan2.1-14b": [16, 21, 90, 160], "wan2.2-5b": [48, 31, 44, 80],
                 "wan-tiny": [16, 3, 8, 8]}
@@ -385,7 +386,6 @@ def student_scheduler(steps: int, shift: float = 1.0):
     import numpy as np
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from flow import time_grid
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # no shift of its own: the grid carries ours
     sigmas = time_grid(steps, shift=shift)[:-1].numpy().astype(np.float32)
     set_timesteps = scheduler.set_timesteps

@@ -79,10 +79,10 @@ def test_config_validation(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "batch_size=0", "micro_batch=-1", "steps=-1", "lr=0", "lr=-1e-4", "warmup=-1", "ema=1", "ema=-0.1", "keep=0",
-    "ckpt_every=0", "log_every=0", "sp_size=0", "threshold=0", "candidates=[0, 2]", "candidates=[1.5]",
+    "ckpt_every=0", "log_every=0", "sp_size=0", "search_threshold=0", "search_candidates=[0, 2]", "search_candidates=[1.5]",
     "kd_attn_weight=-1", "kd_output_weight=-0.5", "weight_decay=-1", "grad_clip=0", "betas=[0.9, 1.0]",
     "caption_dropout=1.5", "min_lr_frac=2", "t_shift=0", "max_minutes=-1", "sample_steps=0", "sample_shift=0",
-    "huber_c=0", "sweep=[0.1, -0.2]", "calib_prompts=0", "segments=0", "seed=-1", "lr=.nan", "lr=.inf",
+    "mlcd_huber_c=0", "search_sweep=[0.1, -0.2]", "search_prompts=0", "mlcd_segments=0", "seed=-1", "lr=.nan", "lr=.inf",
     "synthetic_shape=[4, 0, 8, 8]", "profile=-1"])
 def test_every_numeric_key_is_checked_against_its_range(override):
     """A value out of range is one line naming the key (and is never taken)."""
@@ -90,9 +90,29 @@ def test_every_numeric_key_is_checked_against_its_range(override):
         train.load_config(CONFIG, [override])
 
 
+def test_the_stage_keys_earlier_names_still_load(tmp_path):
+    """configs and overrides written before the stage keys carried their stage's name, and a run saved then."""
+    s2 = train.load_config(os.path.join(ROOT, "configs", "stage2.yaml"), ["threshold=0.2", "calib_prompts=3",
+                                                                           "sweep=[0.1]", "candidates=[1, 2]"])
+    assert (s2.search_threshold, s2.search_prompts, s2.search_sweep, s2.search_candidates) == (0.2, 3, [0.1], [1, 2])
+    s1 = train.make_config({"stage": 1, "init": "x", "segments": 8, "teacher_steps": 32, "teacher_cfg": 3.0,
+                            "target": "stopgrad", "huber_c": 0.01})
+    assert (s1.mlcd_segments, s1.mlcd_teacher_steps, s1.mlcd_teacher_cfg, s1.mlcd_target, s1.mlcd_huber_c) == \
+        (8, 32, 3.0, "stopgrad", 0.01)
+    assert train.make_config({"stage": 3, "init": "x", "plan": "p.yaml"}).kd_plan == "p.yaml"
+    cfg = cfg_for(tmp_path, "steps=2")
+    train.train(cfg)
+    state_path = os.path.join(checkpoint.checkpoints(cfg.run_dir)[-1], "state.pt")
+    state = torch.load(state_path, weights_only=True)
+    old = {({v: k for k, v in train.ALIASES.items()}).get(k, k): v for k, v in state["config"].items()}
+    torch.save({**state, "config": old}, state_path)  # a run saved under the earlier names resumes
+    assert [r["step"] for r in train.train(cfg_for(tmp_path, "steps=3"))] == [3]
+
+
 def test_every_numeric_key_has_a_range_and_the_bounds_that_are_allowed_pass():
     numeric = {f.name for f in fields(train.TrainConfig) if f.name != "stage" and not isinstance(f.default, bool)
-               and (isinstance(f.default, (int, float)) or f.name in ("betas", "candidates", "sweep", "synthetic_shape"))}
+               and (isinstance(f.default, (int, float))
+                    or f.name in ("betas", "search_candidates", "search_sweep", "synthetic_shape"))}
     assert numeric == set(train.RANGES)  # a new key gets a range
     train.load_config(CONFIG, ["ema=0", "caption_dropout=1", "min_lr_frac=0", "warmup=0", "micro_batch=0",
                                "kd_attn_weight=0", "seed=0", "steps=0"])
@@ -119,12 +139,13 @@ def test_a_teacher_of_another_model_is_one_line(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = cfg_for(tmp_path, "steps=6")
-    real = train.stage0_loss
+    import flow
+    real = flow.flow_loss  # stage 0's objective
     calls = iter(range(100))
     def poisoned(*a, **kw):
         loss = real(*a, **kw)
         return loss * float("nan") if next(calls) >= 2 else loss  # step 3 goes bad
-    monkeypatch.setattr(train, "stage0_loss", poisoned)
+    monkeypatch.setattr(flow, "flow_loss", poisoned)
     with pytest.raises(FloatingPointError, match="ckpt-0000002"):
         train.train(cfg)
     assert [os.path.basename(p) for p in checkpoint.checkpoints(cfg.run_dir)] == ["ckpt-0000002"]
