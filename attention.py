@@ -374,22 +374,20 @@ def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
     and, in one call, over the reference keys; the two partial softmaxes merged by their log-sum-exps.
     Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
     q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref)
-    B, F_, S = q5.shape[0], len(rest), q5.shape[3]
-    if F_:
+    B, num_rest, S = q5.shape[0], len(rest), q5.shape[3]
+    if num_rest:
         q_rest, k_rest, v_rest = (x.index_select(2, rest) for x in (q5, k5, v5))  # [B, H, F, S, D]
         o_own, lse_own = _attention_lse(_by_frame(q_rest), _by_frame(k_rest), _by_frame(v_rest))
         k_ref, v_ref = (x.index_select(2, ref).flatten(2, 3) for x in (k5, v5))
         o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), k_ref, v_ref)
-        o_own, lse_own = o_own.unflatten(0, (B, F_)).transpose(1, 2), lse_own.unflatten(0, (B, F_)).transpose(1, 2)
-        share = torch.sigmoid(lse_ref.unflatten(2, (F_, S)) - lse_own)  # softmax mass on the reference keys
-        out.index_copy_(2, rest, torch.lerp(o_own, o_ref.unflatten(2, (F_, S)), share.unsqueeze(-1).to(q.dtype)))
+        o_own, lse_own = o_own.unflatten(0, (B, num_rest)).transpose(1, 2), lse_own.unflatten(0, (B, num_rest)).transpose(1, 2)
+        share = torch.sigmoid(lse_ref.unflatten(2, (num_rest, S)) - lse_own)  # softmax mass on the reference keys
+        out.index_copy_(2, rest, torch.lerp(o_own, o_ref.unflatten(2, (num_rest, S)), share.unsqueeze(-1).to(q.dtype)))
     return out.flatten(2, 3)
 
 
 def backend_name(name: str) -> str:
-    """A backend as a user or an older checkpoint names it ("tile" is now "gather", "flex" is "auto") -> one of
-    BACKENDS, or a one-line error."""
-    name = {"tile": "gather", "flex": "auto"}.get(name, name)
+    """A backend's name, checked: one of BACKENDS, or a one-line error."""
     if name not in BACKENDS:
         raise UserError(f"attn_backend {name!r}: use one of {', '.join(BACKENDS)}")
     return name

@@ -32,7 +32,7 @@ from cli import (ArgumentParser, UserError, atomic_output, check_output_path, en
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
                        save_plan, tile_attention, tile_block_mask, tile_dense_mask)
 
-SPEC_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # SPEC section 1, Table 1
+TABLE1_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # the paper's Table 1: k per latent frame count
 FRAMES = {8: "29f", 24: "93f"}
 
 
@@ -84,6 +84,74 @@ def fwd_bwd(fn, q, k, v, backward: bool):
     return run
 
 
+def dense_kernels(q, k, v, args, fa4: bool) -> dict:
+    """ms of the dense kernels on q, k, v (forward, or forward + backward with --backward): cuDNN and Flash-2
+    SDPA on a GPU (plain SDPA on a CPU), FlexAttention's Triton kernel, and FA4 where it runs."""
+    import attention
+    dense = {}
+    if q.is_cuda:
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2_sdpa", SDPBackend.FLASH_ATTENTION)):
+            def sdpa(q, k, v, be=be):
+                with sdpa_kernel([be]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            try:
+                dense[name] = timeit(fwd_bwd(sdpa, q, k, v, args.backward), 2, args.repeat)
+            except RuntimeError as e:
+                print(f"{name} unavailable: {str(e)[:80]}", file=sys.stderr)
+    else:
+        dense["sdpa"] = timeit(fwd_bwd(F.scaled_dot_product_attention, q, k, v, args.backward), 2, args.repeat)
+    if not args.skip_triton:
+        dense["flex_triton"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None), q, k, v,
+                                              args.backward), 2, args.repeat)
+    if fa4:
+        try:
+            dense["flash"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None, attention.FLASH),
+                                            q, k, v, args.backward), 2, args.repeat)
+        except Exception as e:  # noqa: BLE001 - a kernel that fails is reported, not the end of the run
+            print(f"flash dense failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
+    return dense
+
+
+def sparse_kernels(S: int, dev: str, args, fa4: bool) -> dict:
+    """name -> kernel(q, k, v, T, num_ref) for each sparse backend timed: FA4, the dense rewrites (merge only
+    forward) and FlexAttention's Triton kernel."""
+    import attention
+    kernels = {} if args.skip_triton else \
+        {"flex_triton": lambda q, k, v, T, num_ref: attention._flex(q, k, v, tile_block_mask(T, S, num_ref, dev))}
+    for backend in (["flash"] if fa4 else []) + ["gather"] + ([] if args.backward else ["merge"]):
+        kernels[backend] = lambda q, k, v, T, num_ref, b=backend: tile_attention(q, k, v, T, num_ref, b)
+    return kernels
+
+
+def mask_row(name, kernel, q, k, v, T, num_ref, base_ms, flops, args) -> dict | None:
+    """One sparse kernel on one mask: ms, against cuDNN (base_ms) and its line (base x density), and its largest
+    error on head 0 against fp32 SDPA under the dense boolean mask (up to 30,000 tokens; with --backward, dq's
+    too). None where the kernel fails."""
+    S, dev, head = q.shape[2] // T, q.device, slice(0, 1)
+    fn = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, num_ref), q, k, v, args.backward)
+    try:
+        ms = timeit(fn, 2, args.repeat)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails here is reported, not the end of the run
+        print(f"{name} {num_ref}:{T - num_ref} failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
+        return None
+    err = float("nan")
+    if q.shape[2] <= 30000:
+        ref, ref_dq = fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=tile_dense_mask(T, S, num_ref, dev)), *(x[:, head].float() for x in (q, k, v)),
+            args.backward)()
+        out, _ = fn()
+        err = (out[:, head].float() - ref).abs().max().item()
+        if args.backward:  # dq of the same loss restricted to head 0 (heads are independent)
+            g = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, num_ref), *(x[:, head] for x in (q, k, v)), True)
+            err = max(err, (g()[1].float() - ref_dq).abs().max().item())
+    dens = density(T, num_ref)
+    return {"mask": f"{num_ref}:{T - num_ref}", "ms": fmt(ms),
+            "sparsity%": fmt(tile_block_mask(T, S, num_ref, dev).sparsity()), "speedup": fmt(base_ms / ms),
+            "ideal": fmt(1 / dens), "%line": fmt(100 * base_ms / ms * dens, 1), "line_ms": fmt(base_ms * dens),
+            "TFLOP/s": fmt(flops * dens / ms / 1e9, 1), "max_err": f"{err:.1e}",
+            **(profile_split(lambda: fn()) if args.profile else {})}
+
+
 def bench_attention(args):
     """Self-attention alone: the dense kernels, then every Table-1 mask on each sparse kernel, forward (or forward +
     backward with --backward). Baseline: cuDNN SDPA; `line_ms` = cuDNN dense x density."""
@@ -91,7 +159,7 @@ def bench_attention(args):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     H, D, S = (24, 96, 3600) if not args.tiny else (2, 32, 96)
-    shapes = SPEC_MASKS if not args.tiny else {4: [2, 1]}
+    shapes = TABLE1_MASKS if not args.tiny else {4: [2, 1]}
     shapes = {T: ks for T, ks in shapes.items() if args.tiny or T in args.latent_frames}
     fa4 = attention.flash_available(dev, dtype, D)
     rows = []
@@ -99,65 +167,17 @@ def bench_attention(args):
         N = T * S
         q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype) for _ in range(3))
         flops = 4 * N * N * D * H * (3.5 if args.backward else 1)  # QK^T and PV, dense (backward: 2.5x more)
-        dense = {}
-        if dev == "cuda":
-            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2_sdpa", SDPBackend.FLASH_ATTENTION)):
-                def sdpa(q, k, v, be=be):
-                    with sdpa_kernel([be]):
-                        return F.scaled_dot_product_attention(q, k, v)
-                try:
-                    dense[name] = timeit(fwd_bwd(sdpa, q, k, v, args.backward), 2, args.repeat)
-                except RuntimeError as e:
-                    print(f"{name} unavailable: {str(e)[:80]}", file=sys.stderr)
-        if dev == "cpu":
-            dense["sdpa"] = timeit(fwd_bwd(F.scaled_dot_product_attention, q, k, v, args.backward), 2, args.repeat)
-        if not args.skip_triton:
-            dense["flex_triton"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None), q, k, v,
-                                                  args.backward), 2, args.repeat)
-        if fa4:
-            try:
-                dense["flash"] = timeit(fwd_bwd(lambda q, k, v: attention._flex(q, k, v, None, attention.FLASH), q, k,
-                                                v, args.backward), 2, args.repeat)
-            except Exception as e:  # noqa: BLE001
-                print(f"flash dense failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
+        where = {"frames": FRAMES.get(T, T), "tokens": N}
+        dense = dense_kernels(q, k, v, args, fa4)
         base = dense.get("cudnn", min(dense.values()))
         for name, ms in dense.items():
-            rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": name, "mask": "full", "ms": fmt(ms),
-                         "sparsity%": 0.0, "speedup": fmt(base / ms), "TFLOP/s": fmt(flops / ms / 1e9, 1)})
-        kernels = {} if args.skip_triton else \
-            {"flex_triton": lambda q, k, v, T, kk: attention._flex(q, k, v, tile_block_mask(T, S, kk, dev))}
-        for backend in (["flash"] if fa4 else []) + ["gather"] + ([] if args.backward else ["merge"]):
-            kernels[backend] = lambda q, k, v, T, kk, b=backend: tile_attention(q, k, v, T, kk, b)
-        for kk in ks:
-            dens = density(T, kk)
-            # correctness on one head: against fp32 SDPA with the dense boolean mask (skipped at 93 frames)
-            sl = slice(0, 1)
-            ref = ref_dq = None
-            if N <= 30000:
-                ref, ref_dq = fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=tile_dense_mask(T, S, kk, dev)), *(x[:, sl].float() for x in (q, k, v)),
-                    args.backward)()
-            for name, kernel in kernels.items():
-                fn = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, kk), q, k, v, args.backward)
-                try:
-                    ms = timeit(fn, 2, args.repeat)
-                except Exception as e:  # noqa: BLE001 - a kernel that fails here is a row, not the end of the run
-                    print(f"{name} {kk}:{T - kk} failed: {str(e).strip().splitlines()[-1][:160]}", file=sys.stderr)
-                    continue
-                err = float("nan")
-                if ref is not None:
-                    out, dq = fn()
-                    err = (out[:, sl].float() - ref).abs().max().item()
-                    if args.backward:  # dq of the same loss restricted to head 0 (heads are independent)
-                        g = fwd_bwd(lambda q, k, v: kernel(q, k, v, T, kk), *(x[:, sl] for x in (q, k, v)), True)
-                        err = max(err, (g()[1].float() - ref_dq).abs().max().item())
-                split = profile_split(lambda: fn()) if args.profile else {}
-                rows.append({"frames": FRAMES.get(T, T), "tokens": N, "kernel": name, "mask": f"{kk}:{T - kk}",
-                             "ms": fmt(ms), "sparsity%": fmt(tile_block_mask(T, S, kk, dev).sparsity()),
-                             "speedup": fmt(base / ms), "ideal": fmt(1 / dens), "%line": fmt(100 * base / ms * dens, 1),
-                             "line_ms": fmt(base * dens), "TFLOP/s": fmt(flops * dens / ms / 1e9, 1),
-                             "max_err": f"{err:.1e}", **split})
-            del ref, ref_dq
+            rows.append({**where, "kernel": name, "mask": "full", "ms": fmt(ms), "sparsity%": 0.0,
+                         "speedup": fmt(base / ms), "TFLOP/s": fmt(flops / ms / 1e9, 1)})
+        for num_ref in ks:
+            for name, kernel in sparse_kernels(S, dev, args, fa4).items():
+                row = mask_row(name, kernel, q, k, v, T, num_ref, base, flops, args)
+                if row is not None:
+                    rows.append({**where, "kernel": name, **row})
     print(f"attention {'forward + backward' if args.backward else 'forward'}; speedup and %line against cuDNN")
     print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%line",
                        "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
@@ -442,7 +462,7 @@ def bench_plans(args):
         for i in range(args.repeat + 1):  # round 0 warms up
             for name, plan in plans:
                 model.set_mask_plan(plan)
-                a = timeit(lambda: [tile_attention(q, k, v, T, kk) for kk in ks[name]], warmup=0, repeat=1)
+                a = timeit(lambda: [tile_attention(q, k, v, T, num_ref) for num_ref in ks[name]], warmup=0, repeat=1)
                 f = timeit(lambda: model(x, t, text, mask), warmup=0, repeat=1)
                 if i:
                     ms[name]["attention"].append(a)
@@ -482,26 +502,26 @@ def bench_sp(args):
         print_table(rows, ["gpus", "frames", "plan", "ms/forward", "speedup"] + split)
         return rows
     import parallel
-    env = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
-    dev, dtype = env.device, torch.bfloat16 if env.device.type == "cuda" else torch.float32
+    dist = parallel.setup(sp_size=int(os.environ["WORLD_SIZE"]))
+    dev, dtype = dist.device, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
     torch.cuda.set_device(dev) if dev.type == "cuda" else None
     model, x, text, mask = bench_model_inputs(args, dev, dtype)
-    model.enable_sequence_parallel(env.sp_group)
+    model.enable_sequence_parallel(dist.sp_group)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows = []
     plans = list(model_plans(T, model.cfg.depth, args.sparsity).items())
     for name, (plan, _) in [plans[0], plans[-1]]:  # full and the sparsest
         model.set_mask_plan(plan)
         parallel.barrier()
-        rows.append({"gpus": env.world, "frames": x.shape[2], "plan": name,
+        rows.append({"gpus": dist.world, "frames": x.shape[2], "plan": name,
                      "ms/forward": fmt(forward_ms(model, x, text, mask, args), 1)})
         if args.profile:  # rank 0's device time by kind (its NCCL time includes waiting for the others)
             rows[-1].update(profile_split(model_call(model, x, text, mask, args)))
-            if env.world > 1:  # and every rank's NCCL time: the slowest rank waits least
-                comm = [None] * env.world
+            if dist.world > 1:  # and every rank's NCCL time: the slowest rank waits least
+                comm = [None] * dist.world
                 torch.distributed.all_gather_object(comm, rows[-1]["comm_ms"])
                 rows[-1]["comm_ms_by_rank"] = "/".join(f"{c:.1f}" for c in comm)
-    if env.is_main and args.json:
+    if dist.is_main and args.json:
         with atomic_output(args.json) as tmp, open(tmp, "w") as f:
             json.dump({"rows": rows}, f)
     parallel.cleanup()
@@ -514,102 +534,135 @@ PEAK_BF16_TFLOPS = 989.4  # H100 SXM and H200, dense bf16 tensor cores (NVIDIA's
 INIT_STEPS = 4  # the sampling steps of bench_train's random student (stage 2 calibrates along them)
 
 
-def train_flops(cfg, tokens: int, num_frames: int, plan, checkpointing: bool) -> float:
-    """Model FLOPs of one training sample (the student's forward + backward): 6 x (weights of every matmul) x
-    tokens, plus the self-attention matmuls (QK^T and PV: 4 N^2 D per head, x3 with the backward) at the plan's
-    kept-tile density, times 4/3 when activation checkpointing recomputes the forward. Leaves out the frozen
-    teacher's and the EMA target's forwards (stages 1 and 3), norms, RoPE and the text side."""
-    from attention import expand_plan
-    D, L = cfg.hidden, cfg.depth
-    per_block = 3 * D * D + D * D + 2 * D * D + 2 * cfg.mlp_width * D  # qkv, proj, cross q + proj, MLP
-    matmuls = 6 * L * per_block * tokens
-    dens = sum(density(num_frames, entry_num_ref(e, num_frames)) for e in expand_plan(plan, L)) / L
-    attention_flops = 3 * 4 * tokens * tokens * D * L * dens
-    return (matmuls + attention_flops) * (4 / 3 if checkpointing else 1.0)
+def forward_flops(cfg, latents: list, text_len: int, plan) -> float:
+    """FLOPs of one sample's forward through a model of cfg, counted by torch's FLOP counter on the meta device
+    (nothing is computed): every matmul the model runs, at latents [C, T, H, W] and text_len text tokens, with
+    self-attention under `plan` on the exact gather rewrite, which computes only the plan's kept tiles."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import DiT
+    with torch.device("meta"):
+        model = DiT(cfg, mask_plan=plan, attn_backend="gather")
+        x, t = torch.empty(1, *latents), torch.empty(1)
+        text = torch.empty(1, text_len, dtype=torch.long) if cfg.reads_captions else torch.empty(1, text_len,
+                                                                                                  cfg.text_dim)
+        mask = torch.ones(1, text_len, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, text, mask)
+    return float(counter.get_total_flops())
+
+
+def train_flops(stage: int, cfg, latents: list, text_len: int, plan, checkpointing: bool) -> dict:
+    """One training sample's FLOPs as the field counts them. model (MFU): the student's forward and backward
+    (3 forwards) under its plan, plus the frozen models' forwards the objective runs: stage 1's teacher with
+    guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus the student's
+    forward again where activation checkpointing recomputes it."""
+    student = forward_flops(cfg, latents, text_len, plan)
+    full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])
+    frozen = {0: 0.0, 1: 3 * full, 3: full}[stage]
+    model = 3 * student + frozen
+    return {"model": model, "hardware": model + (student if checkpointing else 0.0)}
+
+
+def train_overrides(args, cfg, shape, stage: int, n: int, run_dir: str, init: list) -> list:
+    """train.py's key=value overrides for one bench run: the model (as a preset plus what differs from it),
+    synthetic latents of `shape`, a batch per sequence-parallel group, the timed and profiled steps, no
+    checkpoints; stage 2: one prompt and seed through the search."""
+    from dataclasses import fields
+
+    from model import model_config
+    common = [f"run_dir={run_dir}", "data=synthetic", f"synthetic_shape={json.dumps(shape)}"]
+    if stage == 2:
+        return common + ["search_prompts=1", "search_seeds=1", init[0]]
+    preset = ("wan-tiny" if args.model.startswith("wan") else "osp12") if args.tiny else args.model
+    base = model_config(preset)
+    model_args = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)}
+    sp = min(args.sp, n)
+    return common + [f"model={preset}", f"model_args={json.dumps(model_args)}", f"batch_size={n // sp * args.batch}",
+                     f"sp_size={sp}", f"steps={args.repeat + 2 + PROFILED_STEPS * args.profile}", "log_every=1",
+                     "save=false", "warmup=1", f"profile={PROFILED_STEPS * args.profile}",
+                     f"compile={str(args.compile).lower()}", f"fsdp={str(args.fsdp).lower()}",
+                     f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
+
+
+def run_train(stage: int, n: int, overrides: list) -> list | None:
+    """train.py for `stage` on n processes (torchrun for n > 1) -> its log records, or None (the error printed)."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                str(n)]
+    r = subprocess.run(launcher + [os.path.join(here, "train.py"), os.path.join(here, "configs", f"stage{stage}.yaml"),
+                                   *overrides], capture_output=True, text=True)
+    if r.returncode:
+        print(f"stage {stage} on {n} GPU(s) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_dir="))
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def random_student(path: str, cfg, shape):
+    """A random model of cfg saved (bf16) as a stage-1 student to distil from, once."""
+    from flow import euler_sampler
+    from model import DiT, save_model
+    if not os.path.exists(path):
+        save_model(path, DiT(cfg), {"kind": "mlcd", "video_shape": shape, "sampler": euler_sampler(INIT_STEPS)},
+                   dtype=torch.bfloat16)
 
 
 def bench_train(args):
-    """Training steps of stages 0, 1 and 3 on synthetic latents at the osp12 shape (random: speed and memory
+    """Training steps of stages 0, 1 and 3 on synthetic latents at the --model's shape (random: speed and memory
     only), each run as `python train.py` (or torchrun over --gpus, with sp_size min(--sp, gpus) and --fsdp), read
-    back from its log: s/step, tokens/s, peak GiB, MFU (train_flops). Stage 2 (one process): the mask search over
-    one synthetic prompt and seed, its seconds per probed sampling step and peak GiB."""
-    import subprocess
+    back from its log: s/step, tokens/s, peak GiB, MFU and HFU (train_flops). Stage 2 (one process): the mask
+    search over one synthetic prompt and seed, its seconds per probed sampling step and peak GiB."""
     import tempfile
-    from dataclasses import fields
 
-    from flow import euler_sampler
-    from model import DiT, model_config, save_model
+    from data import SYNTHETIC_TEXT_LEN
     cfg = bench_config(args.tiny, args.depth, args.model)
     shape = latent_shape(args, cfg)
     T, tokens = shape[1], math.prod(n // p for n, p in zip(shape[1:], cfg.patch_size))
     work = tempfile.mkdtemp(prefix="bench_train_")
-    plan, sparsity = plan_for_sparsity(T, cfg.depth, args.sparsity[-1]) if args.sparsity else (["full"], 0.0)  # stage 3
-    plan_file = os.path.join(work, "plan.yaml")
-    save_plan(plan_file, plan, T)
-    preset = ("wan-tiny" if args.model.startswith("wan") else "osp12") if args.tiny else args.model
-    base = model_config(preset)
-    model_args = {f.name: getattr(cfg, f.name) for f in fields(cfg)  # what differs from the preset (a cut depth)
-                  if getattr(cfg, f.name) != getattr(base, f.name)}
+    plan, sparsity = plan_for_sparsity(T, cfg.depth, args.sparsity[-1]) if args.sparsity else (["full"], 0.0)
+    save_plan(plan_file := os.path.join(work, "plan.yaml"), plan, T)  # stage 3's
     rows = []
     for stage in args.stages:
         init = []
-        if stage:  # a random osp12 student (bf16 on disk) to distil from
-            init_path = os.path.join(work, "init.safetensors")
-            if not os.path.exists(init_path):
-                m = DiT(cfg)
-                save_model(init_path, m, {"kind": "mlcd", "video_shape": shape,
-                           "sampler": euler_sampler(INIT_STEPS)}, dtype=torch.bfloat16)
-                del m
+        if stage:
+            random_student(init_path := os.path.join(work, "init.safetensors"), cfg, shape)
             init = [f"init={init_path}", f"teacher={init_path}"] + ([f"kd_plan={plan_file}"] if stage == 3 else [])
         for n in args.gpus if torch.cuda.is_available() and stage != 2 else [1]:
             run_dir = os.path.join(work, f"stage{stage}-{n}")
+            log = run_train(stage, n, train_overrides(args, cfg, shape, stage, n, run_dir, init))
+            if log is None:
+                continue
+            if stage == 2:  # each threshold's record carries the calibration's cost; s/step: per sampling step
+                rows.append({"stage": 2, "gpus": 1, "sp": 1, "plan": "search",
+                             "s/step": fmt(log[0]["seconds"] / INIT_STEPS, 3),
+                             "tokens/s": fmt(tokens * INIT_STEPS / log[0]["seconds"], 0),
+                             "peak_GiB": fmt(log[0].get("mem_gb", 0.0), 1), "MFU%": "n/a", "HFU%": "n/a"})
+                continue
+            timed = log[2:2 + args.repeat]  # the first two steps compile and warm up
+            s_step = statistics.median(1 / rec["it_s"] for rec in timed)
             sp = min(args.sp, n)
             samples = n // sp * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
-            overrides = [f"run_dir={run_dir}", f"model={preset}", f"model_args={json.dumps(model_args)}", "data=synthetic",
-                         f"synthetic_shape={json.dumps(shape)}", f"batch_size={samples}", f"sp_size={sp}",
-                         f"steps={args.repeat + 2 + PROFILED_STEPS * args.profile}", "log_every=1", "save=false",
-                         "warmup=1", f"profile={PROFILED_STEPS * args.profile}",
-                         f"compile={str(args.compile).lower()}", f"fsdp={str(args.fsdp).lower()}",
-                         f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
-            if stage == 2:
-                overrides = [f"run_dir={run_dir}", "data=synthetic", f"synthetic_shape={json.dumps(shape)}",
-                             "search_prompts=1", "search_seeds=1", init[0]]
-            launcher = [sys.executable] if n == 1 else \
-                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
-            here = os.path.dirname(os.path.abspath(__file__))
-            config = os.path.join(here, "configs", f"stage{stage}.yaml")
-            r = subprocess.run(launcher + [os.path.join(here, "train.py"), config, *overrides],
-                               capture_output=True, text=True)
-            if r.returncode:
-                print(f"stage {stage} on {n} GPU(s) failed:\n{r.stderr[-2000:]}", file=sys.stderr)
-                continue
-            with open(os.path.join(run_dir, "log.jsonl")) as f:
-                log = [json.loads(line) for line in f]
-            if stage == 2:  # each threshold's record carries the calibration's cost; s/step: per sampling step
-                rec = log[0]
-                rows.append({"stage": 2, "gpus": 1, "sp": 1, "plan": "search",
-                             "s/step": fmt(rec["seconds"] / INIT_STEPS, 3),
-                             "tokens/s": fmt(tokens * INIT_STEPS / rec["seconds"], 0),
-                             "peak_GiB": fmt(rec.get("mem_gb", 0.0), 1), "MFU%": "n/a"})
-                continue
-            log = log[2:2 + args.repeat]  # the first two steps compile and warm up; then the timed ones
-            s_step = statistics.median(1 / rec["it_s"] for rec in log)
-            split = trace_split(os.path.join(run_dir, "trace-rank0.json")) if args.profile else {}
-            stage_plan = plan if stage == 3 else ["full"]  # stages 0 and 1 train with full attention
-            flops = train_flops(cfg, tokens, T, stage_plan, args.checkpointing) * samples
+            flops = train_flops(stage, cfg, shape, SYNTHETIC_TEXT_LEN, plan if stage == 3 else ["full"],
+                                args.checkpointing)
+            utilisation = {f"{name}%": fmt(100 * flops[kind] * samples / s_step / 1e12 / PEAK_BF16_TFLOPS / n, 1)
+                           if torch.cuda.is_available() else "n/a (cpu)"
+                           for name, kind in (("MFU", "model"), ("HFU", "hardware"))}
             rows.append({"stage": stage, "gpus": n, "sp": sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
-                         "full", "s/step": fmt(s_step, 3),
-                         "tokens/s": fmt(samples * tokens / s_step, 0),
-                         "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in log), 1),
-                         "MFU%": fmt(100 * flops / s_step / 1e12 / PEAK_BF16_TFLOPS / n, 1) if torch.cuda.is_available()
-                         else "n/a (cpu)", **split})
+                         "full", "s/step": fmt(s_step, 3), "tokens/s": fmt(samples * tokens / s_step, 0),
+                         "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in timed), 1), **utilisation,
+                         **(trace_split(os.path.join(run_dir, "trace-rank0.json")) if args.profile else {})})
     for r in rows:  # throughput against the same stage on one GPU
         one = [x for x in rows if x["stage"] == r["stage"] and x["gpus"] == 1]
         r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
     print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
-          f"{args.batch} per sequence-parallel group, compile {args.compile}, activation checkpointing {args.checkpointing}; MFU counts "
-          "the student's 6 x params x tokens + attention matmuls at the plan's density (bench.train_flops)")
-    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "scaling"]
+          f"{args.batch} per sequence-parallel group, compile {args.compile}, activation checkpointing "
+          f"{args.checkpointing}. MFU: model FLOPs (the student's forward and backward under its plan, and the "
+          "frozen forwards: stage 1's guided teacher and target, stage 3's teacher), counted by torch's FLOP "
+          "counter (bench.train_flops); HFU adds the recomputed forward")
+    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "HFU%", "scaling"]
                 + (["step_ms"] + SPLIT_COLS + TIMELINE_COLS if args.profile else []))
     return rows
 

@@ -2,7 +2,7 @@
 log, preemption and export. train.py calls one RunFolder for these (stage 2's plans and figures, and profiler
 traces, are written beside them through cli.atomic_output).
 
-    with RunFolder(cfg, env, RUN_KEYS) as run:           # rank 0 holds run_dir/.lock while the run lasts
+    with RunFolder(cfg, dist, RUN_KEYS) as run:           # rank 0 holds run_dir/.lock while the run lasts
         start, resumed = run.resume(model, ema, opt)     # the newest checkpoint that loads (or 0, None)
         with run.preemptible():                          # SIGTERM / SIGUSR1 become a request to stop
             ... run.log(record) ... run.save(step, model, ema, opt, meta) ... run.stop_requested() ...
@@ -51,10 +51,10 @@ def checkpoints(run_dir: str) -> list[str]:
 
 
 class RunFolder:
-    def __init__(self, cfg, env, run_keys=(), current_names=lambda values: values):
+    def __init__(self, cfg, dist, run_keys=(), current_names=lambda values: values):
         """cfg: the run's TrainConfig (its class gives the defaults an older checkpoint lacks); run_keys: the keys
         a resumed run may change; current_names: a saved config's values under today's key names."""
-        self.cfg, self.env, self.run_keys, self.current_names = cfg, env, run_keys, current_names
+        self.cfg, self.dist, self.run_keys, self.current_names = cfg, dist, run_keys, current_names
         self.dir = cfg.run_dir
         self.log_path = os.path.join(self.dir, "log.jsonl")
         self._lock_fd = None
@@ -65,12 +65,12 @@ class RunFolder:
 
     def __enter__(self):
         error = None
-        if self.env.is_main:
+        if self.dist.is_main:
             try:
                 self._lock()
             except UserError as e:
                 error = e
-        if parallel.any_rank(error is not None, "cpu", self.env.cpu_group):
+        if parallel.any_rank(error is not None, "cpu", self.dist.cpu_group):
             raise error or UserError(f"run_dir {self.dir!r} is in use by another run (rank 0 says by which)")
         return self
 
@@ -130,7 +130,7 @@ class RunFolder:
         that every rank makes at the same point of every step, so all stop after the same step."""
         flags = torch.tensor([float(self.stop_signal is not None), float(out_of_time)])
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.env.cpu_group)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.dist.cpu_group)
         return bool(flags[0]), bool(flags[1])
 
     # ------------------------------------------------------------------------------------------------------
@@ -141,12 +141,12 @@ class RunFolder:
         with one line naming `path` (they agree first, so none waits in a collective the others left)."""
         from torch.distributed.checkpoint.api import CheckpointException
         error = None
-        if everyone or self.env.is_main:
+        if everyone or self.dist.is_main:
             try:
                 fn()
             except (OSError, WriteError, CheckpointException) as e:  # DCP's exception is a BaseException
                 error = dcp_failure(e)[1] if isinstance(e, CheckpointException) else e
-        if parallel.any_rank(error is not None, "cpu", self.env.cpu_group):
+        if parallel.any_rank(error is not None, "cpu", self.dist.cpu_group):
             reason, fix = write_failure(error)
             newest = checkpoints(self.dir)
             raise UserError(f"cannot write {what} {path!r}: {reason}. " + (
@@ -202,7 +202,7 @@ class RunFolder:
                 self._together("checkpoint", final, write_weights)
             self._together("checkpoint", final, finish)
         except UserError:  # no half checkpoint stays behind
-            if self.env.is_main:
+            if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
@@ -225,7 +225,7 @@ class RunFolder:
         return start, path
 
     def _restore(self, model, ema, opt) -> tuple[int, str | None]:
-        cfg, env = self.cfg, self.env
+        cfg, dist = self.cfg, self.dist
         for path in reversed(checkpoints(self.dir)):
             self._ranks_agree(int(os.path.basename(path)[5:]))  # before any collective load
             try:
@@ -233,7 +233,7 @@ class RunFolder:
                 error = None
             except Exception as e:  # noqa: BLE001 - a file that does not read means: take the checkpoint before
                 error = e
-            if parallel.any_rank(error is not None, env.device):  # every rank takes the same checkpoint
+            if parallel.any_rank(error is not None, dist.device):  # every rank takes the same checkpoint
                 self._set_aside(path, error)
                 continue
             # a key added since the checkpoint was written has its default (and an old value its current spelling)
@@ -251,7 +251,7 @@ class RunFolder:
                     load_sharded(os.path.join(path, "dcp"), model, ema, opt)
                 except Exception as e:  # noqa: BLE001 - the checkpoint before overwrites whatever was half-loaded
                     error = e
-                if parallel.any_rank(error is not None, env.device):
+                if parallel.any_rank(error is not None, dist.device):
                     self._set_aside(path, error)
                     continue
             else:
@@ -271,7 +271,7 @@ class RunFolder:
 
     def _ranks_agree(self, step: int):
         """Stop every rank unless all of them are about to take the checkpoint of `step` (-1: none)."""
-        if not parallel.same_on_all_ranks(step, self.env.device):
+        if not parallel.same_on_all_ranks(step, self.dist.device):
             raise UserError(f"the processes see different checkpoints in {self.dir!r}: is run_dir shared by every "
                             "node?")
 
@@ -282,7 +282,7 @@ class RunFolder:
             warn(f"checkpoint {path} does not load ({first_line(error)[:200]}); set aside as "
                  f"{os.path.basename(aside)}")
         parallel.barrier()  # every rank has looked at it
-        if self.env.is_main:
+        if self.dist.is_main:
             os.replace(path, aside)
 
 

@@ -295,6 +295,9 @@ def read_null_text(path, text_emb=None):
     return null["text_emb"], null["text_mask"].bool()
 
 
+SYNTHETIC_TEXT_LEN = 300  # text tokens per synthetic sample
+
+
 class SyntheticLatents(torch.utils.data.Dataset):
     """Random latents [C, T, H, W] with random text embeddings [text_len, text_dim] (and a fixed caption), item i
     drawn from a generator seeded with i. SYNTHETIC: for measuring speed and memory at a real shape (OSP-1.2's
@@ -302,7 +305,7 @@ class SyntheticLatents(torch.utils.data.Dataset):
 
     null_text = None
 
-    def __init__(self, shape, text_dim: int, text_len: int = 300, size: int = 1 << 20):
+    def __init__(self, shape, text_dim: int, text_len: int = SYNTHETIC_TEXT_LEN, size: int = 1 << 20):
         self.shape, self.text_dim, self.text_len, self.size = list(shape), text_dim, text_len, size
 
     def __len__(self):
@@ -315,17 +318,17 @@ class SyntheticLatents(torch.utils.data.Dataset):
                 "text_mask": torch.ones(self.text_len, dtype=torch.bool)}
 
 
-def open_dataset(data: str, synthetic_shape, text_dim: int, text_encoder: str):
-    """A training config's `data` as a dataset for a model with this text_encoder: None for "shapes" (rendered on
-    the fly), SyntheticLatents for "synthetic", otherwise the ShardDataset of that folder, checked to hold what
-    the model reads (captions for a byte-level encoder, text_emb otherwise)."""
+def open_dataset(data: str, synthetic_shape, model_cfg):
+    """A training config's `data` as a dataset for a model of model_cfg: None for "shapes" (rendered on the fly),
+    SyntheticLatents for "synthetic", otherwise the ShardDataset of that folder, checked to hold what the model
+    reads (model.ModelConfig.reads_captions: captions, or text_emb)."""
     if data == "shapes":
         return None
-    dataset = SyntheticLatents(synthetic_shape, text_dim) if data == "synthetic" else ShardDataset(data)
-    need = "caption" if text_encoder == "bytes" else "text_emb"
+    dataset = SyntheticLatents(synthetic_shape, model_cfg.text_dim) if data == "synthetic" else ShardDataset(data)
+    need = "caption" if model_cfg.reads_captions else "text_emb"
     if need not in dataset[0]:
-        raise UserError(f"the shards in {data!r} have no {need!r}, which a model with text_encoder={text_encoder!r} "
-                        "reads (see data.py for the shard format)")
+        raise UserError(f"the shards in {data!r} have no {need!r}, which a model with "
+                        f"text_encoder={model_cfg.text_encoder!r} reads (see data.py for the shard format)")
     return dataset
 
 
@@ -374,11 +377,6 @@ def save_mp4(images, path: str, fps: int):
         for image in images:
             container.mux(stream.encode(av.VideoFrame.from_image(image.crop((0, 0, w, h)))))
         container.mux(stream.encode())  # flush
-
-
-def from_uint8(frames):
-    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
-    return frames.permute(3, 0, 1, 2).float() / 127.5 - 1
 
 
 @entry_point

@@ -100,21 +100,19 @@ class AttentionProbe:
         def observe(q, k, v, out, num_frames):
             full = out  # the layer's own output, under full attention
             self.sq_ref[layer] += full.double().pow(2).sum().cpu()
-            for j, kk in enumerate(self.candidates):
-                self.sq_err[layer, j] += (tile_attention(q, k, v, num_frames, kk) - full).double().pow(2).sum().cpu()
+            for j, num_ref in enumerate(self.candidates):
+                self.sq_err[layer, j] += (tile_attention(q, k, v, num_frames, num_ref) - full).double().pow(2).sum().cpu()
             self.tiles[layer] += tile_mass(q, k, num_frames).double().cpu()
             self.count[layer] += 1
         return observe
 
     @contextmanager
     def attached(self, model):
-        for i, block in enumerate(model.blocks):
-            block.attn.observer = self.observer(i)
+        model.set_observers([self.observer(i) for i in range(len(model.blocks))])
         try:
             yield self
         finally:
-            for block in model.blocks:
-                block.attn.observer = None
+            model.set_observers(None)
 
     def errors(self):
         return (self.sq_err / self.sq_ref[:, None]).sqrt()  # [depth, candidates] relative L2
@@ -139,7 +137,7 @@ def choose_plan(errors, candidates, threshold: float):
     """Per layer, the sparsest candidate k (fewest reference frames) with error <= threshold, else full."""
     plan = []
     for layer_err in errors.tolist():
-        ok = [kk for kk, e in zip(candidates, layer_err) if e <= threshold]
+        ok = [num_ref for num_ref, e in zip(candidates, layer_err) if e <= threshold]
         plan.append(min(ok) if ok else FULL)
     return plan
 
@@ -168,7 +166,7 @@ def calibration_embeddings(cfg, model):
     if cfg.data == "shapes":
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
-    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg)
     batch = collate([dataset[i % len(dataset)] for i in range(cfg.search_prompts)])
     return (batch["text_emb"].float(), batch["text_mask"].bool()), dataset.null_text
 
@@ -184,7 +182,7 @@ def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     candidates = sorted(cfg.search_candidates) or list(range(1, T))
     probe = AttentionProbe(candidates, model.cfg.depth, T)
     prompts, null = (validation_prompts(cfg.search_prompts, seed=cfg.seed + 1), None) \
-        if model.text_encoder is not None else calibration_embeddings(cfg, model)  # (evaluation's prompts: seed 0)
+        if model.cfg.reads_captions else calibration_embeddings(cfg, model)  # (evaluation's prompts: seed 0)
     sampler = flow.sampler_settings(meta)
     start = time.time()
     with probe.attached(model):
@@ -287,13 +285,11 @@ class AttentionRecorder:
 
     def __enter__(self):
         self.outputs = []
-        for block in self.model.blocks:
-            block.attn.observer = self
+        self.model.set_observers([self] * len(self.model.blocks))
         return self
 
     def __exit__(self, *exc):
-        for block in self.model.blocks:
-            block.attn.observer = None
+        self.model.set_observers(None)
 
 
 class _MeanSquaredError(torch.autograd.Function):

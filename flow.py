@@ -89,7 +89,7 @@ def null_text(model, n, like=None, null=None):
     """The unconditional input of n samples: the empty caption; for a model reading precomputed embeddings (`like`
     one of them), `null`, the empty caption's own embedding and mask ([L, D], [L]: a data folder's
     null.safetensors, or a --negative-emb file), or else a single zero token."""
-    if model.text_encoder is not None:
+    if model.cfg.reads_captions:
         return model.tokenize([""] * n)
     if null is not None:
         emb, mask = null
@@ -108,7 +108,7 @@ def generate(model, prompts, video_shape, sampler: dict, seed: int = 0, progress
     embedding model) is encoded only where guidance needs it."""
     if isinstance(prompts, tuple):
         text, mask = prompts
-    elif model.text_encoder is None:
+    elif not model.cfg.reads_captions:
         raise UserError("this checkpoint reads precomputed text embeddings (text_encoder: none); prompts need a "
                         "model with its own byte-level text encoder")
     else:

@@ -62,6 +62,12 @@ class ModelConfig:
     def mlp_width(self):
         return self.mlp_hidden or int(self.hidden * self.mlp_ratio)
 
+    @property
+    def reads_captions(self) -> bool:
+        """The one answer to which text a model reads: captions, through its own byte-level encoder (the demo), or
+        precomputed embeddings (OSP-1.2, Wan: umT5 / mT5 outputs)."""
+        return self.text_encoder == "bytes"
+
 
 QK_NORMS = ("none", "head", "across_heads")
 # Wan 2.1 / 2.2 (diffusers' WanTransformer3DModel): umT5-XXL embeddings, 512 text tokens, q/k RMSNorm over all heads
@@ -335,10 +341,16 @@ class DiT(nn.Module):
             block.attn.plan_entry = entry
 
     def set_attn_backend(self, backend: str):
-        """Run every self-attention layer on `backend` (attention.BACKENDS; the old names "tile" and "flex" too)."""
+        """Run every self-attention layer on `backend` (attention.BACKENDS)."""
         self.attn_backend = backend_name(backend)
         for block in self.blocks:
             block.attn.backend = self.attn_backend
+
+    def set_observers(self, observers):
+        """Attach one observer per self-attention layer (model.Attend.observer: the mask search and layer-wise KD
+        read q, k, v and each layer's output through it), or detach them all with None."""
+        for block, observer in zip(self.blocks, observers or [None] * len(self.blocks), strict=True):
+            block.attn.observer = observer
 
     def run_settings(self) -> dict:
         """What a checkpoint saves beside the config so that it samples as it was trained: the plan and backend."""
@@ -362,6 +374,13 @@ class DiT(nn.Module):
 
     def tokenize(self, prompts: list[str]):
         return tokenize(prompts, self.cfg.text_len)
+
+    def text_input(self, batch: dict):
+        """What this model reads of a collated batch: its captions as byte ids, or its precomputed embeddings.
+        -> (text, mask)"""
+        if self.cfg.reads_captions:
+            return self.tokenize(batch["caption"])
+        return batch["text_emb"].float(), batch["text_mask"].bool()
 
     def encode_text(self, text, text_mask):
         """Byte ids [B, L] (byte encoder) or embeddings [B, L, text_dim] -> context [B, L, hidden], mask."""

@@ -30,7 +30,7 @@ from cli import (ArgumentParser, UserError, atomic_output, check_output_path, en
                  positive_int, seed_int)
 from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, read_null_text, save_animation,
                   to_uint8, unknown_words)
-from model import load_model, read_metadata
+from model import ModelConfig, load_model, read_metadata
 from parallel import check_heads
 
 # the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
@@ -135,7 +135,7 @@ def video_shape(meta: dict, args, vae: dict | None) -> list:
 def text_inputs(args, meta, model, pipe, guided: bool):
     """-> (the prompt as generate takes it, the unconditional embedding or None). Byte-encoder models take the
     prompt as text; embedding models take it encoded by the pipeline or read from --text-emb."""
-    if model.text_encoder is not None:
+    if model.cfg.reads_captions:
         return [prepare_prompt(args.prompt, meta)], None
     if pipe is not None:
         import wan
@@ -165,7 +165,7 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     meta = read_metadata(args.checkpoint)  # cheap: everything below is checked before the model loads
-    embeds = meta["model_config"].get("text_encoder") != "bytes"
+    embeds = not ModelConfig(**meta["model_config"]).reads_captions
     if not embeds:
         if args.pipeline or args.text_emb:
             raise UserError(f"{args.checkpoint!r} has its own byte-level text encoder: give --prompt, without "
@@ -183,7 +183,6 @@ def main(argv=None):
     vae = None
     if args.pipeline:
         import wan
-        from model import ModelConfig
         vae = wan.check_pipeline(args.pipeline, ModelConfig(**meta["model_config"]))
     shape = video_shape(meta, args, vae)
     latents = (meta["model_config"].get("in_channels") != 3 and not args.pipeline)
@@ -192,30 +191,30 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun every process shares each video's tokens
     check_heads(meta["model_config"].get("heads", 1), world, "processes")
     try:
-        env = parallel.setup(args.device, sp_size=world)
+        dist = parallel.setup(args.device, sp_size=world)
         # a model reading embeddings (Wan) runs in bf16 on a GPU, where FA4 takes it; the demo models in fp32
-        bf16 = embeds and env.device.type == "cuda"
-        model, meta = load_model(args.checkpoint, env.device, torch.bfloat16 if bf16 else torch.float32)
-        pipe = wan.load_pipeline(args.pipeline, env.device) if args.pipeline else None
+        bf16 = embeds and dist.device.type == "cuda"
+        model, meta = load_model(args.checkpoint, dist.device, torch.bfloat16 if bf16 else torch.float32)
+        pipe = wan.load_pipeline(args.pipeline, dist.device) if args.pipeline else None
         prompts, null = text_inputs(args, meta, model, pipe, sampler["cfg"] != 1.0)
-        if model.text_encoder is not None:
+        if model.cfg.reads_captions:
             model.tokenize(prompts)  # a prompt too long for the model fails here, before sampling
-        model.enable_sequence_parallel(env.sp_group)
-        if args.compile and env.device.type == "cuda":
+        model.enable_sequence_parallel(dist.sp_group)
+        if args.compile and dist.device.type == "cuda":
             model.compile_blocks()
-        if env.is_main:
-            print("attention: " + describe_backend(model.attn_backend, env.device, next(model.parameters()).dtype,
+        if dist.is_main:
+            print("attention: " + describe_backend(model.attn_backend, dist.device, next(model.parameters()).dtype,
                                                   model.cfg.head_dim))
-        bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if env.is_main else None
+        bar = (lambda r: tqdm(r, desc="sampling", leave=False)) if dist.is_main else None
         videos = flow.generate(model, prompts, shape, sampler, args.seed, bar, null=null)
         if not torch.isfinite(videos).all():
             raise UserError(f"the sample of {args.checkpoint!r} is not finite (nan or inf); nothing written. "
                             "A checkpoint trained into nan, or a --cfg too large?")
-        if pipe is not None and env.is_main:
+        if pipe is not None and dist.is_main:
             videos = wan.decode(pipe, videos)
     finally:
         parallel.cleanup()
-    if not env.is_main:
+    if not dist.is_main:
         return
     if latents:
         from safetensors.torch import save_file
@@ -227,7 +226,7 @@ def main(argv=None):
     else:
         save_gif(videos[0].float().cpu(), out)
     print(f"wrote {out} in {time.time() - t0:.1f}s ({meta.get('kind', '?')} model, {sampler['steps']} steps, "
-          f"cfg {sampler['cfg']}, {env.world} x {env.device})")
+          f"cfg {sampler['cfg']}, {dist.world} x {dist.device})")
 
 
 if __name__ == "__main__":

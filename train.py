@@ -319,10 +319,7 @@ def get_batch(cfg, model, dataset, step, first, n, device):
             item = dataset[int(torch.randint(len(dataset), (1,), generator=g))]
         items.append({**item, "drop": torch.rand(1, generator=g)[0] < cfg.caption_dropout})
     batch = collate(items)
-    if model.text_encoder is not None:
-        text, mask = model.tokenize(batch["caption"])
-    else:
-        text, mask = batch["text_emb"].float(), batch["text_mask"].bool()
+    text, mask = model.text_input(batch)
     null, null_mask = flow.null_text(model, n, text, getattr(dataset, "null_text", None))
     drop = batch["drop"]
     text = torch.where(drop.view(-1, *[1] * (text.dim() - 1)), null, text)
@@ -351,31 +348,31 @@ def draw_noise(cfg, x0, step, first):
 # ----------------------------------------------------------------------------------------------------------
 # The stages: what each one trains, and how
 
-def load_teacher(cfg, env, compile_: bool) -> DiT:
+def load_teacher(cfg, dist, compile_: bool) -> DiT:
     """The frozen teacher of stages 1 and 3 (`teacher`, default `init`): bf16 on a GPU, kept whole on every
     rank, sequence-parallel like the student."""
-    device = env.device
+    device = dist.device
     dtype = torch.bfloat16 if device.type == "cuda" else None
     teacher, _ = load_model(cfg.teacher or cfg.init, device, dtype)
     teacher.set_attn_backend(cfg.attn_backend)
-    teacher.requires_grad_(False).enable_sequence_parallel(env.sp_group)
+    teacher.requires_grad_(False).enable_sequence_parallel(dist.sp_group)
     if compile_:
         teacher.compile_blocks()
     return teacher
 
 
-def base_objective(cfg, parts, env, compile_):
+def base_objective(cfg, parts, dist, compile_):
     """Stage 0, rectified flow: regress the velocity eps - x0 at time t of the straight path."""
     def loss(x0, text, mask, t, eps):
-        return flow.flow_loss(lambda x_t, tt: parts.net(x_t, tt, text, mask), x0, t, eps)
+        return flow.flow_loss(lambda x_t, tt: parts.wrapped(x_t, tt, text, mask), x0, t, eps)
     return loss
 
 
-def mlcd_objective(cfg, parts, env, compile_):
+def mlcd_objective(cfg, parts, dist, compile_):
     """Stage 1, MLCD (distill.py): the student's jump to its segment start matches the teacher's guided Euler
     step followed by the target network's jump (the EMA student, or the student itself: `target`). The
     teacher's unconditional input is the data's empty caption, encoded once per batch size."""
-    teacher = load_teacher(cfg, env, compile_)
+    teacher = load_teacher(cfg, dist, compile_)
     target = parts.ema if cfg.mlcd_target == "ema" else parts.model
     uncond = {}
 
@@ -384,10 +381,10 @@ def mlcd_objective(cfg, parts, env, compile_):
         with torch.no_grad():
             if n not in uncond:
                 null = flow.null_text(parts.model, n, text, parts.null_text)
-                uncond[n] = teacher.encode_text(*(x.to(env.device) for x in null))
+                uncond[n] = teacher.encode_text(*(x.to(dist.device) for x in null))
             cond = teacher.encode_text(text, mask)
         return distill.mlcd_loss(
-            student_fn=lambda x, tt: parts.net(x, tt, text, mask),
+            student_fn=lambda x, tt: parts.wrapped(x, tt, text, mask),
             teacher_fn=lambda x, tt: flow.cfg_velocity(teacher, x, tt, cond, uncond[n], cfg.mlcd_teacher_cfg),
             target_fn=lambda x, tt: target(x, tt, text, mask),
             x0=x0, eps=eps, t=t, num_segments=cfg.mlcd_segments, teacher_steps=cfg.mlcd_teacher_steps,
@@ -395,10 +392,10 @@ def mlcd_objective(cfg, parts, env, compile_):
     return loss
 
 
-def kd_objective(cfg, parts, env, compile_):
+def kd_objective(cfg, parts, dist, compile_):
     """Stage 3, KD (distill.py): the sparse student matches the full-attention teacher's velocity and every
     layer's attention output on the same noisy input."""
-    teacher = load_teacher(cfg, env, compile_)
+    teacher = load_teacher(cfg, dist, compile_)
     teacher.set_mask_plan(FULL)
     student_attn = distill.AttentionRecorder(parts.model, detach=False)
     teacher_attn = distill.AttentionRecorder(teacher, detach=True)
@@ -408,7 +405,7 @@ def kd_objective(cfg, parts, env, compile_):
         with torch.no_grad(), teacher_attn:
             v_teacher = teacher(x_t, t, text, mask)
         with student_attn:
-            v_student = parts.net(x_t, t, text, mask)
+            v_student = parts.wrapped(x_t, t, text, mask)
         value = distill.kd_loss(v_student, v_teacher, student_attn.outputs, teacher_attn.outputs,
                                 cfg.kd_output_weight, cfg.kd_attn_weight, teacher.sp_group)
         student_attn.outputs, teacher_attn.outputs = [], []  # the loss holds what its backward needs
@@ -427,7 +424,7 @@ class Stage:
     teacher: tuple = ()  # (keys, why)
     guided_teacher: bool = False
     times: Callable | None = None  # (cfg, generator, device) -> t [1]
-    objective: Callable | None = None  # (cfg, parts, env, compile) -> loss(x0, text, mask, t, eps)
+    objective: Callable | None = None  # (cfg, parts, dist, compile) -> loss(x0, text, mask, t, eps)
     sampler: Callable | None = None  # (cfg, the init checkpoint's metadata) -> flow.euler_sampler(...)
     search: Callable | None = None  # (cfg, device, is_main) -> records
 
@@ -475,7 +472,7 @@ class Parts:
     """What a training step works on."""
     model: DiT  # the student, its weights as saved (FSDP shards them in place)
     ema: DiT
-    net: torch.nn.Module  # what the objective calls: the model, or DDP around it
+    wrapped: torch.nn.Module  # the model as the objective calls it: in DDP (torchrun without fsdp), or as is
     opt: torch.optim.Optimizer
     dataset: object  # None: the built-in shapes, rendered per sample
     null_text: tuple | None  # the data's empty-caption embedding (data.py's null.safetensors)
@@ -486,7 +483,7 @@ class Parts:
     objective: Callable | None = None
 
 
-def build_student(cfg, env) -> tuple[DiT, dict]:
+def build_student(cfg, dist) -> tuple[DiT, dict]:
     """The student: `init`'s weights (or a fresh cfg.model), stage 3's plan, the run's backend, on the device,
     sequence-parallel, with activation checkpointing as asked. -> (model, init's metadata)"""
     init_meta = {}
@@ -497,17 +494,17 @@ def build_student(cfg, env) -> tuple[DiT, dict]:
     if STAGES[cfg.stage].uses("kd_plan"):
         model.set_mask_plan(load_plan(cfg.kd_plan))
     model.set_attn_backend(cfg.attn_backend)
-    model.to(env.device).train()
-    model.enable_sequence_parallel(env.sp_group)
+    model.to(dist.device).train()
+    model.enable_sequence_parallel(dist.sp_group)
     model.checkpoint_blocks = cfg.activation_checkpointing
     return model, init_meta
 
 
-def build_ema(model: DiT, env) -> DiT:
+def build_ema(model: DiT, dist) -> DiT:
     """The EMA of the student's weights (stage 1's target network, and what --export ships)."""
-    ema = DiT(copy.deepcopy(model.cfg), model.mask_plan, model.attn_backend).to(env.device)
+    ema = DiT(copy.deepcopy(model.cfg), model.mask_plan, model.attn_backend).to(dist.device)
     ema.eval().requires_grad_(False).load_state_dict(model.state_dict())
-    ema.enable_sequence_parallel(env.sp_group)
+    ema.enable_sequence_parallel(dist.sp_group)
     return ema
 
 
@@ -520,40 +517,41 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
                              fused=next(model.parameters()).is_cuda)
 
 
-def set_up(cfg, env, run) -> tuple[Parts, int, dict]:
+def set_up(cfg, dist, run) -> tuple[Parts, int, dict]:
     """Student, EMA, compiled blocks, FSDP2 or DDP, optimizer, the resumed checkpoint, data and objective, in
     that order. FSDP2 (fsdp: true on several processes; in one, it changes only the checkpoint format)
     gathers weights in bf16, reduces gradients in fp32 and keeps the fp32 master weights sharded. ->
     (parts, the step to start from, the metadata every checkpoint carries)"""
-    device = env.device
-    model, init_meta = build_student(cfg, env)
-    ema = build_ema(model, env)
+    device = dist.device
+    model, init_meta = build_student(cfg, dist)
+    ema = build_ema(model, dist)
     compile_ = cfg.compile and device.type == "cuda"
     if compile_:
         model.compile_blocks()
         ema.compile_blocks()
-    sharded = cfg.fsdp and env.world > 1
+    sharded = cfg.fsdp and dist.world > 1
     if sharded:
         bf16 = torch.bfloat16 if cfg.bf16 and device.type == "cuda" else None
         parallel.fully_shard_model(model, device, bf16)
         parallel.fully_shard_model(ema, device, bf16)
     opt = build_optimizer(cfg, model)
     start, resumed = run.resume(model, ema, opt)
-    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg.text_dim, model.cfg.text_encoder)
+    dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg)
     shape = [model.cfg.in_channels, cfg.num_frames, cfg.size, cfg.size] if dataset is None else \
         list(dataset[0]["video"].shape)
-    net = model
-    if env.world > 1 and not sharded:
+    wrapped = model
+    if dist.world > 1 and not sharded:
         ids = [device] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    local = cfg.batch_size // env.dp_size
-    parts = Parts(model, ema, net, opt, dataset, getattr(dataset, "null_text", None), local,
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    local = cfg.batch_size // dist.dp_size
+    parts = Parts(model, ema, wrapped, opt, dataset, getattr(dataset, "null_text", None), local,
                   min(cfg.micro_batch or (local if device.type == "cuda" else CPU_MICRO_BATCH), local),
                   torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"), sharded)
-    parts.objective = STAGES[cfg.stage].objective(cfg, parts, env, compile_)
-    if env.is_main:
-        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {env.world} x {device} "
-              f"(sequence parallel {env.sp_size} x data parallel {env.dp_size}{', FSDP' if sharded else ''}, "
+    parts.objective = STAGES[cfg.stage].objective(cfg, parts, dist, compile_)
+    if dist.is_main:
+        print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {dist.world} x {device} "
+              f"(sequence parallel {dist.sp_size} x data parallel {dist.dp_size}"
+              f"{', FSDP' if sharded else ''}, "
               f"micro-batch {parts.micro_batch}), steps {start} -> {cfg.steps}"
               + (f" (resumed from {resumed})" if resumed else ""))
     return parts, start, checkpoint_meta(cfg, shape, init_meta)
@@ -565,30 +563,31 @@ def set_up(cfg, env, run) -> tuple[Parts, int, dict]:
 def train(cfg: TrainConfig) -> list[dict]:
     """Runs (or resumes) the configured stage; returns the log records written by this call."""
     check_inputs(cfg)
-    env = parallel.setup(cfg.device or None, cfg.sp_size)
-    if cfg.batch_size % env.dp_size:
-        raise UserError(f"batch_size={cfg.batch_size} does not split over {env.dp_size} data-parallel groups "
-                        f"({env.world} processes / sp_size {env.sp_size}): make it a multiple of "
-                        f"{env.dp_size}")
+    dist = parallel.setup(cfg.device or None, cfg.sp_size)
+    if cfg.batch_size % dist.dp_size:
+        raise UserError(f"batch_size={cfg.batch_size} does not split over {dist.dp_size} data-parallel "
+                        f"groups "
+                        f"({dist.world} processes / sp_size {dist.sp_size}): make it a multiple of "
+                        f"{dist.dp_size}")
     torch.manual_seed(cfg.seed)
-    with checkpoint.RunFolder(cfg, env, RUN_KEYS, current_names) as run:
+    with checkpoint.RunFolder(cfg, dist, RUN_KEYS, current_names) as run:
         stage = STAGES[cfg.stage]
         if stage.search:
-            return search(cfg, env, run, stage)
-        parts, start, meta = set_up(cfg, env, run)
-        return train_loop(cfg, env, run, parts, start, meta)
+            return search(cfg, dist, run, stage)
+        parts, start, meta = set_up(cfg, dist, run)
+        return train_loop(cfg, dist, run, parts, start, meta)
 
 
-def search(cfg, env, run, stage) -> list[dict]:
+def search(cfg, dist, run, stage) -> list[dict]:
     """Stage 2: no training; the search measures and writes its plans (distill.py), its records to the log."""
-    records = stage.search(cfg, env.device, env.is_main)
-    if env.is_main:
+    records = stage.search(cfg, dist.device, dist.is_main)
+    if dist.is_main:
         with atomic_output(run.log_path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps({k: v for k, v in r.items() if k != "rows"}) + "\n" for r in records)
     return records
 
 
-def train_step(cfg, env, parts: Parts, step: int):
+def train_step(cfg, dist, parts: Parts, step: int):
     """One optimizer step: this group's slice of the step's global batch in micro-batches (gradients summed),
     the AdamW update with the gradient norm clipped over all shards, and the EMA (sharded like the model:
     each rank updates its own shard). The ranks of a sequence-parallel group draw the same samples, times
@@ -596,17 +595,17 @@ def train_step(cfg, env, parts: Parts, step: int):
     lr = learning_rate(cfg, step)
     for group in parts.opt.param_groups:
         group["lr"] = lr
-    first = env.dp_rank * parts.local_batch
-    x0, text, mask = get_batch(cfg, parts.model, parts.dataset, step, first, parts.local_batch, env.device)
+    first = dist.dp_rank * parts.local_batch
+    x0, text, mask = get_batch(cfg, parts.model, parts.dataset, step, first, parts.local_batch, dist.device)
     t, eps = draw_noise(cfg, x0, step, first)
     parts.opt.zero_grad(set_to_none=True)
     loss, micro, n = 0.0, parts.micro_batch, parts.local_batch
     for i in range(0, n, micro):
         part = slice(i, i + micro)
-        with parts.autocast, gradient_sync(parts.net, last=i + micro >= n):
+        with parts.autocast, gradient_sync(parts.wrapped, last=i + micro >= n):
             share = len(t[part]) / n
             part_loss = parts.objective(x0[part], text[part], mask[part], t[part], eps[part]) * share
-            parallel.backward(part_loss, env.sp_size)
+            parallel.backward(part_loss, dist.sp_size)
         loss = loss + part_loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
     parts.opt.step()
@@ -618,39 +617,39 @@ def train_step(cfg, env, parts: Parts, step: int):
     return loss, grad_norm, lr
 
 
-def train_loop(cfg, env, run, parts: Parts, start: int, meta: dict) -> list[dict]:
+def train_loop(cfg, dist, run, parts: Parts, start: int, meta: dict) -> list[dict]:
     """Steps start .. cfg.steps: a log record every log_every steps (the only host sync), a checkpoint every
     ckpt_every and at the end; a stop signal or max_minutes ends it after a checkpoint. Every rank returns
     once rank 0's last checkpoint is on disk. -> the log records"""
-    records, bad = [], torch.zeros((), dtype=torch.bool, device=env.device)
-    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not env.is_main,
+    records, nonfinite = [], torch.zeros((), dtype=torch.bool, device=dist.device)
+    pbar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not dist.is_main,
                 dynamic_ncols=True)
     t_start = t_last = time.time()
     step_last = start
-    prof = step_profiler(cfg, start, env)
+    prof = step_profiler(cfg, start, dist)
     # a profiler stops (and writes its trace) however the loop ends; a stop signal ends it after a checkpoint
     with prof or nullcontext(), run.preemptible():
         for step in pbar:
-            loss, grad_norm, lr = train_step(cfg, env, parts, step)
-            bad |= ~torch.isfinite(loss)
+            loss, grad_norm, lr = train_step(cfg, dist, parts, step)
+            nonfinite |= ~torch.isfinite(loss)
             done = step + 1
-            if done == start + 1 and env.device.type == "cpu":
+            if done == start + 1 and dist.device.type == "cpu":
                 warn_if_slow(cfg, done, time.time() - t_start)
             # one CPU all-reduce a step (no GPU sync): every rank stops after the same step
             stop, out_of_time = run.should_stop(0 < cfg.max_minutes < (time.time() - t_start) / 60)
             last_step = done == cfg.steps or out_of_time or stop
             if done % cfg.log_every == 0 or done % cfg.ckpt_every == 0 or last_step:
-                if parallel.any_rank(bad.item(), env.device):
+                if parallel.any_rank(nonfinite.item(), dist.device):
                     last = checkpoint.checkpoints(cfg.run_dir)
                     raise FloatingPointError(
                         f"loss became {loss.item()} by step {done}; stopping. Last good checkpoint: "
                         f"{last[-1] if last else 'none'} (rerun to resume from it, e.g. with a lower lr)")
                 now = time.time()
                 rate = (done - step_last) / max(now - t_last, 1e-9)
-                rec = log_record(cfg, env, done, loss, grad_norm, lr, rate)
+                rec = log_record(cfg, dist, done, loss, grad_norm, lr, rate)
                 t_last, step_last = now, done
                 records.append(rec)
-                if env.is_main:
+                if dist.is_main:
                     pbar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['it_s']:.1f}")
                 run.log(rec)
             if (done % cfg.ckpt_every == 0 or last_step) and cfg.save:
@@ -659,7 +658,7 @@ def train_loop(cfg, env, run, parts: Parts, start: int, meta: dict) -> list[dict
             if prof:
                 prof.step()
             if out_of_time or stop:
-                if env.is_main:
+                if dist.is_main:
                     why = f"max_minutes={cfg.max_minutes} reached" if out_of_time else \
                         f"{run.stop_signal or 'a stop signal'} received"
                     saved = " with a checkpoint" if cfg.save else ""
@@ -670,12 +669,12 @@ def train_loop(cfg, env, run, parts: Parts, start: int, meta: dict) -> list[dict
     return records
 
 
-def log_record(cfg, env, step, loss, grad_norm, lr, rate) -> dict:
+def log_record(cfg, dist, step, loss, grad_norm, lr, rate) -> dict:
     """One log line: the loss (mean over ranks), gradient norm, learning rate, speed, time and peak memory."""
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     rec = {"step": step, "loss": parallel.mean_over_ranks(loss).item(), "grad_norm": grad_norm.item(),
            "lr": lr, "it_s": rate, "videos_s": rate * cfg.batch_size, "time": time.time()}
-    if env.device.type == "cuda":
+    if dist.device.type == "cuda":
         rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return rec
 
@@ -688,7 +687,7 @@ def warn_if_slow(cfg, done: int, seconds: float):
              f"{hours:.0f} h. The configs/smoke/ recipe is sized for a CPU")
 
 
-def step_profiler(cfg, start, env):
+def step_profiler(cfg, start, dist):
     """None, or (cfg.profile > 0 and steps left to run) a torch.profiler that records the run's last
     cfg.profile steps (each with its logging and any checkpoint it writes), after one warm-up step, and
     writes them to run_dir/trace-rank{R}.json; the loop runs inside it and calls .step() after each step."""
@@ -697,20 +696,20 @@ def step_profiler(cfg, start, env):
         return None
     from torch.profiler import ProfilerActivity, profile, schedule
     skip = cfg.steps - start - active
-    path = os.path.join(cfg.run_dir, f"trace-rank{env.rank}.json")
+    path = os.path.join(cfg.run_dir, f"trace-rank{dist.rank}.json")
     if os.path.exists(path):  # an older run's trace is not this one's
         os.remove(path)
-    cuda = [ProfilerActivity.CUDA] if env.device.type == "cuda" else []
+    cuda = [ProfilerActivity.CUDA] if dist.device.type == "cuda" else []
     return profile(activities=[ProfilerActivity.CPU] + cuda,
                    schedule=schedule(wait=max(0, skip - 1), warmup=min(1, skip), active=active, repeat=1),
                    on_trace_ready=lambda p: p.export_chrome_trace(path))
 
 
-def gradient_sync(net, last: bool):
+def gradient_sync(wrapped, last: bool):
     """A context in which DDP's backward all-reduces the gradients only on the `last` micro-batch. FSDP
     reduce-scatters after every micro-batch (the shards accumulate), so no unsharded gradient outlives one."""
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel) and not last:
-        return net.no_sync()
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not last:
+        return wrapped.no_sync()
     return nullcontext()
 
 

@@ -83,19 +83,19 @@ def test_the_block_mask_fa4_is_given_is_the_dense_mask(T, S, k):
 def test_compiled_flex_with_the_block_mask_equals_sdpa_with_dense_mask(T, S, k):
     """The BlockMask through compiled flex_attention (CPU kernel here, FA4 on a GPU) computes the masked softmax."""
     import attention
-    q, kk, v = qkv(T * S)
-    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
-    out = attention._flex(q, kk, v, tile_block_mask(T, S, k))
+    q, key, v = qkv(T * S)
+    ref = F.scaled_dot_product_attention(q, key, v, attn_mask=tile_dense_mask(T, S, k))
+    out = attention._flex(q, key, v, tile_block_mask(T, S, k))
     assert (out - ref).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("T,S,k", CASES)
 def test_tile_backend_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
-    q, kk, v = qkv(T * S, grad=True)
-    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
-    g_ref = torch.autograd.grad(ref.square().sum(), (q, kk, v))
-    out = tile_attention(q, kk, v, T, k, backend="gather")
-    g_out = torch.autograd.grad(out.square().sum(), (q, kk, v))
+    q, key, v = qkv(T * S, grad=True)
+    ref = F.scaled_dot_product_attention(q, key, v, attn_mask=tile_dense_mask(T, S, k))
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, key, v))
+    out = tile_attention(q, key, v, T, k, backend="gather")
+    g_out = torch.autograd.grad(out.square().sum(), (q, key, v))
     assert (out - ref).abs().max().item() < 1e-4
     for a, b in zip(g_out, g_ref):
         assert (a - b).abs().max().item() < 1e-4
@@ -105,10 +105,10 @@ def test_tile_backend_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
     g = torch.Generator().manual_seed(T * S + k)
-    q, kk, v = (torch.randn(batch, 2, T * S, 16, generator=g) for _ in range(3))
-    ref = F.scaled_dot_product_attention(q, kk, v, attn_mask=tile_dense_mask(T, S, k))
+    q, key, v = (torch.randn(batch, 2, T * S, 16, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, key, v, attn_mask=tile_dense_mask(T, S, k))
     with torch.no_grad():
-        assert (tile_attention(q, kk, v, T, k, backend="merge") - ref).abs().max().item() < 1e-5
+        assert (tile_attention(q, key, v, T, k, backend="merge") - ref).abs().max().item() < 1e-5
 
 
 def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch, capsys):
@@ -117,19 +117,19 @@ def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch
     for name in ("merge_sdpa", "gather_sdpa"):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
-    q, kk, v = qkv(4 * 30, grad=True)
+    q, key, v = qkv(4 * 30, grad=True)
     with torch.no_grad():
-        tile_attention(q, kk, v, 4, 1)
-    tile_attention(q, kk, v, 4, 1).sum().backward()  # the training path has a backward
+        tile_attention(q, key, v, 4, 1)
+    tile_attention(q, key, v, 4, 1).sum().backward()  # the training path has a backward
     assert seen == ["merge_sdpa", "gather_sdpa"] and q.grad is not None
-    tile_attention(q, kk, v, 4, 1, backend="merge").sum().backward()  # merge has no backward: gather trains
+    tile_attention(q, key, v, 4, 1, backend="merge").sum().backward()  # merge has no backward: gather trains
     assert seen[-1] == "gather_sdpa"
-    tile_attention(q, kk, v, 4, 4, backend="merge").sum().backward()  # a full layer: dense SDPA, any backend
+    tile_attention(q, key, v, 4, 4, backend="merge").sum().backward()  # a full layer: dense SDPA, any backend
     with torch.no_grad():
-        tile_attention(q, kk, v, 4, 1, backend="flash")  # no FA4 on a CPU: the auto choice, with a warning
+        tile_attention(q, key, v, 4, 1, backend="flash")  # no FA4 on a CPU: the auto choice, with a warning
     assert seen[-1] == "merge_sdpa" and "flash-attn-4" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown attention backend"):
-        tile_attention(q, kk, v, 4, 1, backend="tile-ish")
+        tile_attention(q, key, v, 4, 1, backend="tile-ish")
 
 
 def test_auto_picks_fa4_by_capability_once(monkeypatch):
@@ -145,9 +145,20 @@ def test_auto_picks_fa4_by_capability_once(monkeypatch):
     attention.flash_available.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name.startswith("flash_attn") else real_find(name, *a))
+    looked_up = []
+
+    def find_spec(name, *a):
+        if name.startswith("flash_attn"):
+            looked_up.append(name)
+            return object()
+        return real_find(name, *a)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     try:
         assert choose("auto", "cuda:0", "torch.bfloat16", 96, True) == "flash"
+        looked = len(looked_up)
+        for _ in range(3):  # the same kind of input again: decided once, flash-attn-4 not looked up again
+            assert choose("auto", "cuda:0", "torch.bfloat16", 96, True) == "flash"
+        assert looked > 0 and len(looked_up) == looked
         assert choose("auto", "cuda:0", "torch.bfloat16", 96, False) == "flash"
         assert choose("auto", "cuda:0", "torch.float32", 96, False) == "gather"  # FA4 takes fp16/bf16 only
         assert choose("auto", "cuda:0", "torch.bfloat16", 512, False) == "gather"
@@ -165,7 +176,11 @@ def test_merge_needs_a_log_sum_exp_kernel():
     cuda = torch.device("cuda")
     assert attention._lse_kernel_for(cuda, torch.float32, 64) is None
     assert attention._lse_kernel_for(cuda, torch.bfloat16, 256) is None
-    assert attention._lse_kernel(torch.zeros(1, 2, 64, 256)) == "cpu"
+    # on the CPU any head dim has one: merge at head dim 256 equals SDPA under the dense mask
+    g = torch.Generator().manual_seed(0)
+    q, key, v = (torch.randn(1, 2, 4 * 8, 256, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, key, v, attn_mask=tile_dense_mask(4, 8, 1))
+    assert (tile_attention(q, key, v, 4, 1, backend="merge") - ref).abs().max() < 1e-5
 
 
 def test_block_mask_equals_dense_mask_blockwise():
@@ -206,18 +221,18 @@ def test_block_mask_sparsity_matches_paper_table(T, k, sparsity):
 def test_no_recompile_across_masks_of_one_shape():
     import attention
     T, S = 6, 100
-    q, kk, v = qkv(T * S, seed=1)
-    attention._flex(q, kk, v, tile_block_mask(T, S, 1))  # compiled (or reused) for this shape
+    q, key, v = qkv(T * S, seed=1)
+    attention._flex(q, key, v, tile_block_mask(T, S, 1))  # compiled (or reused) for this shape
     before = counters["stats"]["unique_graphs"]
     for k in (2, 3, 1, 2):
-        attention._flex(q, kk, v, tile_block_mask(T, S, k))
+        attention._flex(q, key, v, tile_block_mask(T, S, k))
     assert counters["stats"]["unique_graphs"] == before
 
 
 def test_full_plan_entry_runs_plain_sdpa():
-    q, kk, v = qkv(4 * 30)
+    q, key, v = qkv(4 * 30)
     for backend in ("gather", "merge"):
-        assert torch.equal(tile_attention(q, kk, v, 4, 4, backend), F.scaled_dot_product_attention(q, kk, v))
+        assert torch.equal(tile_attention(q, key, v, 4, 4, backend), F.scaled_dot_product_attention(q, key, v))
 
 
 def test_plan_entries():

@@ -60,21 +60,34 @@ def test_train_mode_runs_every_stage_through_train_py(tmp_path):
     assert all(r["step_ms"] > 0 for r in rows if r["stage"] != 2)  # read from train.py's profile=2 traces
 
 
-def test_train_flops_counts_every_video_matmul_weight():
-    """6 x (the weights the video tokens go through) x tokens, checked against the model's own parameters, plus
-    the attention matmuls at the plan's density; x 4/3 with activation checkpointing."""
-    from model import DiT
+@pytest.mark.parametrize("plan", [["full"], [1, 2]])
+def test_forward_flops_against_a_count_by_hand(plan):
+    """The FLOP counter's count of the model, against the architecture counted by hand: every matmul (2 m n k) of
+    the patch embedding, time MLP, text projection, each block (q, k, v, output; cross-attention's q on the video
+    and k, v on the text; the MLP) and the output layer, plus attention (4 N^2 D at the layer's kept-tile density,
+    4 N L D across)."""
     cfg = bench.bench_config(tiny=True)
-    m = DiT(cfg)
-    b = m.blocks[0]
-    weights = sum(lin.weight.numel() for lin in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2]))
-    tokens, T = 64, 4
-    attn = 12 * tokens**2 * cfg.hidden * cfg.depth
-    assert bench.train_flops(cfg, tokens, T, ["full"], False) == pytest.approx(6 * cfg.depth * weights * tokens + attn)
-    assert bench.train_flops(cfg, tokens, T, [1], False) == pytest.approx(
-        6 * cfg.depth * weights * tokens + attn * density(T, 1))
-    assert bench.train_flops(cfg, tokens, T, ["full"], True) == pytest.approx(
-        4 / 3 * bench.train_flops(cfg, tokens, T, ["full"], False))
+    C, T, H, W = latents = [4, 4, 8, 8]
+    L, D, F = 5, cfg.hidden, cfg.mlp_width
+    N = T * H * W // 4  # patches of 1 x 2 x 2
+    P = C * 4  # a patch's values
+    per_block = 2 * N * (4 * D * D + 2 * D * D + 2 * D * F) + 2 * L * 2 * D * D + 4 * N * L * D
+    attention = sum(4 * N * N * D * (density(T, k) if k != "full" else 1.0) for k in plan * (cfg.depth // len(plan)))
+    whole = 2 * N * P * D + 2 * (256 * D + D * D + D * 6 * D) + 2 * L * (cfg.text_dim * D + D * D) + \
+        cfg.depth * per_block + attention + 2 * N * D * P
+    assert bench.forward_flops(cfg, latents, L, plan) == pytest.approx(whole, rel=1e-9)
+
+
+def test_train_flops_counts_model_flops_and_the_recompute_apart():
+    cfg, latents = bench.bench_config(tiny=True), [4, 4, 8, 8]
+    full, sparse = (bench.forward_flops(cfg, latents, 5, p) for p in (["full"], [1]))
+    assert sparse < full
+    assert bench.train_flops(0, cfg, latents, 5, ["full"], False) == {"model": 3 * full, "hardware": 3 * full}
+    assert bench.train_flops(0, cfg, latents, 5, ["full"], True)["hardware"] == pytest.approx(4 * full)
+    assert bench.train_flops(1, cfg, latents, 5, ["full"], True) == pytest.approx({"model": 6 * full,
+                                                                                   "hardware": 7 * full})
+    assert bench.train_flops(3, cfg, latents, 5, [1], True) == pytest.approx({"model": 3 * sparse + full,
+                                                                               "hardware": 4 * sparse + full})
 
 
 def test_trace_split_timeline_against_a_rasterised_one(tmp_path, monkeypatch):

@@ -23,14 +23,14 @@ def close(a, b, what):
 @pytest.mark.parametrize("T,S,k", [(8, 450, 1), (8, 450, 2), (8, 450, 8), (6, 200, 2), (24, 150, 3)])
 def test_flash_equals_sdpa_with_dense_mask_fwd_and_bwd(T, S, k):
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, kk, v = (torch.randn(2, 4, T * S, 96, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    q, key, v = (torch.randn(2, 4, T * S, 96, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                 for _ in range(3))
     grad = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
-    ref = F.scaled_dot_product_attention(*(x.float() for x in (q, kk, v)), attn_mask=tile_dense_mask(T, S, k, "cuda"))
-    ref_grads = torch.autograd.grad(ref, (q, kk, v), grad.float())
+    ref = F.scaled_dot_product_attention(*(x.float() for x in (q, key, v)), attn_mask=tile_dense_mask(T, S, k, "cuda"))
+    ref_grads = torch.autograd.grad(ref, (q, key, v), grad.float())
     assert attention.choose_backend("auto", "cuda:0", "torch.bfloat16", 96, True) == "flash"
-    out = tile_attention(q, kk, v, T, k, "flash")
-    grads = torch.autograd.grad(out, (q, kk, v), grad)
+    out = tile_attention(q, key, v, T, k, "flash")
+    grads = torch.autograd.grad(out, (q, key, v), grad)
     close(out, ref, "output")
     for name, a, b in zip("qkv", grads, ref_grads):
         close(a, b, f"d{name}")

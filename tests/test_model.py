@@ -23,12 +23,12 @@ def inputs(m, B=2, T=4, H=16, W=16, seed=0):
 
 def sdpa_reference(num_frames_plan):
     """A stand-in for tile_attention: SDPA with the dense boolean mask (or no mask for full)."""
-    def attend(q, k, v, num_frames, num_global, backend="auto"):
-        if num_global >= num_frames:
+    def attend(q, k, v, num_frames, num_ref, backend="auto"):
+        if num_ref >= num_frames:
             return F.scaled_dot_product_attention(q, k, v)
         S = q.shape[2] // num_frames
-        num_frames_plan.append(num_global)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=tile_dense_mask(num_frames, S, num_global))
+        num_frames_plan.append(num_ref)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=tile_dense_mask(num_frames, S, num_ref))
     return attend
 
 
