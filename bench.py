@@ -534,10 +534,11 @@ PEAK_BF16_TFLOPS = 989.4  # H100 SXM and H200, dense bf16 tensor cores (NVIDIA's
 INIT_STEPS = 4  # the sampling steps of bench_train's random student (stage 2 calibrates along them)
 
 
-def forward_flops(cfg, latents: list, text_len: int, plan) -> float:
+def forward_flops(cfg, latents: list, text_len: int, plan) -> tuple[float, float]:
     """FLOPs of one sample's forward through a model of cfg, counted by torch's FLOP counter on the meta device
     (nothing is computed): every matmul the model runs, at latents [C, T, H, W] and text_len text tokens, with
-    self-attention under `plan` on the exact gather rewrite, which computes only the plan's kept tiles."""
+    self-attention under `plan` on the exact gather rewrite, which computes only the plan's kept tiles.
+    -> (the whole forward, its blocks' share: what activation checkpointing recomputes)"""
     from torch.utils.flop_counter import FlopCounterMode
 
     from model import DiT
@@ -549,19 +550,21 @@ def forward_flops(cfg, latents: list, text_len: int, plan) -> float:
         mask = torch.ones(1, text_len, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, text, mask)
-    return float(counter.get_total_flops())
+    blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                 if name.startswith("DiT.blocks.") and name.count(".") == 2)
+    return float(counter.get_total_flops()), float(blocks)
 
 
 def train_flops(stage: int, cfg, latents: list, text_len: int, plan, checkpointing: bool) -> dict:
     """One training sample's FLOPs as the field counts them. model (MFU): the student's forward and backward
     (3 forwards) under its plan, plus the frozen models' forwards the objective runs: stage 1's teacher with
-    guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus the student's
+    guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus the blocks'
     forward again where activation checkpointing recomputes it."""
-    student = forward_flops(cfg, latents, text_len, plan)
-    full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])
+    student, blocks = forward_flops(cfg, latents, text_len, plan)
+    full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])[0]
     frozen = {0: 0.0, 1: 3 * full, 3: full}[stage]
     model = 3 * student + frozen
-    return {"model": model, "hardware": model + (student if checkpointing else 0.0)}
+    return {"model": model, "hardware": model + (blocks if checkpointing else 0.0)}
 
 
 def train_overrides(args, cfg, shape, stage: int, n: int, run_dir: str, init: list) -> list:

@@ -2,10 +2,10 @@
 log, preemption and export. train.py calls one RunFolder for these (stage 2's plans and figures, and profiler
 traces, are written beside them through cli.atomic_output).
 
-    with RunFolder(cfg, dist, RUN_KEYS) as run:           # rank 0 holds run_dir/.lock while the run lasts
+    with RunFolder(cfg, dist, RUN_KEYS, current_names) as run:  # rank 0 holds run_dir/.lock while it lasts
         start, resumed = run.resume(model, ema, opt)     # the newest checkpoint that loads (or 0, None)
         with run.preemptible():                          # SIGTERM / SIGUSR1 become a request to stop
-            ... run.log(record) ... run.save(step, model, ema, opt, meta) ... run.stop_requested() ...
+            ... run.log(record) ... run.save(step, model, ema, opt, meta) ... run.should_stop() ...
 
     run_dir/ckpt-0001000/  model.safetensors, ema.safetensors (weights, config in the metadata), state.pt (step,
                            RNG, train config, optimizer); under fsdp: dcp/ (model, EMA and optimizer shards in

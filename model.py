@@ -94,7 +94,7 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     unknown = set(overrides) - valid
     if unknown & set(RUN_SETTINGS):
         raise UserError(f"{sorted(unknown & set(RUN_SETTINGS))} are run settings, not model keys: a training config "
-                        "sets `attn_backend:` and stage 3's `plan:`")
+                        "sets `attn_backend:` and stage 3's `kd_plan:`")
     if unknown:
         raise UserError(f"unknown model keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})
@@ -476,15 +476,22 @@ def read_metadata(path: str) -> dict:
     return normalize_metadata({k: json.loads(v) for k, v in meta.items()})
 
 
+OLD_BACKENDS = {"tile": "gather", "flex": "auto"}  # what checkpoints of the first sessions named them
+
+
 def normalize_metadata(meta: dict) -> dict:
     """A checkpoint's metadata with the architecture alone under model_config and the run settings beside it
-    (moved out of the config for checkpoints written before 2026-12-01)."""
+    (moved out of the config for checkpoints written before 2026-12-01), backends under today's names: the one
+    place old metadata is read into today's form."""
     arch, run = split_config(meta["model_config"])
-    return {**run, **meta, "model_config": arch}
+    meta = {**run, **meta, "model_config": arch}
+    if "attn_backend" in meta:
+        meta["attn_backend"] = OLD_BACKENDS.get(meta["attn_backend"], meta["attn_backend"])
+    return meta
 
 
 def load_model(path: str, device="cpu", dtype=torch.float32):
-    """-> (DiT in eval mode, metadata dict). The mask plan in the metadata's config is applied. path: one of our
+    """-> (DiT in eval mode, metadata dict), under the mask plan and backend saved beside its config. path: one of our
     .safetensors checkpoints, or a diffusers Wan transformer (or pipeline) folder, converted on the way in (wan.py)."""
     if os.path.isdir(path):
         import wan

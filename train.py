@@ -58,7 +58,8 @@ RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "
 
 @dataclass
 class TrainConfig:
-    """Every key of a training config (configs/*.yaml), its default and what it does. Keys of one stage carry
+    """Every key of a training config (configs/*.yaml), its default and what it does (what each stage is:
+    STAGES below). Keys of one stage carry
     its name: mlcd_* (stage 1), search_* (stage 2), kd_* (stage 3); their earlier names (segments,
     threshold, plan, ...) still load (ALIASES)."""
     stage: int = 0                       # 0 base, 1 MLCD, 2 mask search, 3 sparse KD (distill.py)
@@ -94,7 +95,7 @@ class TrainConfig:
     max_minutes: float = 0.0             # > 0: checkpoint and stop after this much wall time (leases)
     profile: int = 0                     # > 0: trace the last N steps to run_dir/trace-rank{R}.json
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
-    attn_backend: str = "auto"           # "auto", "flash", "gather" or "merge" (attention.py)
+    attn_backend: str = ""               # "auto", "flash", "gather", "merge"; empty: init's own, else auto
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping it
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
@@ -129,8 +130,19 @@ ALIASES = {"segments": "mlcd_segments", "teacher_steps": "mlcd_teacher_steps",
 
 
 def current_names(values: dict) -> dict:
-    """A config's values with the stage keys' earlier names replaced by today's."""
-    return {ALIASES.get(k, k): v for k, v in values.items()}
+    """A config's values under today's names: the stage keys' earlier names (ALIASES; a key given under both
+    names is an error), and a backend chosen through model_args (where it lived before 2026-12-01) moved up
+    to attn_backend."""
+    both = [k for k in values if k in ALIASES and ALIASES[k] in values]
+    if both:
+        raise UserError(f"{both[0]} and {ALIASES[both[0]]} are one key (its earlier and its current name): "
+                        "keep one")
+    values = {ALIASES.get(k, k): v for k, v in values.items()}
+    model_args = values.get("model_args")
+    if isinstance(model_args, dict) and "attn_backend" in model_args:
+        model_args = dict(model_args)
+        values = {"attn_backend": model_args.pop("attn_backend"), **values, "model_args": model_args}
+    return values
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,7 +224,8 @@ def make_config(values: dict) -> TrainConfig:
         raise UserError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(valid)}")
     cfg = TrainConfig(**{k: _coerce(k, v, valid[k]) for k, v in values.items()})
     model_config(cfg.model, **cfg.model_args)
-    cfg.attn_backend = backend_name(cfg.attn_backend)
+    if cfg.attn_backend:
+        cfg.attn_backend = backend_name(cfg.attn_backend)
     check_ranges(cfg)
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
@@ -235,7 +248,8 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise UserError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path!r} must hold key: value lines, got a {type(values).__name__}")
-    for item in overrides:
+    values = current_names(values)
+    for item in overrides:  # an override wins over the file, under either name of a key
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
@@ -246,7 +260,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         if key.startswith("model_args."):
             values.setdefault("model_args", {})[key.split(".", 1)[1]] = value
         else:
-            values[key] = value
+            values[ALIASES.get(key, key)] = value
     return make_config(values)
 
 
@@ -262,8 +276,8 @@ def check_inputs(cfg: TrainConfig):
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
     stage = STAGES[cfg.stage]
-    if stage.teacher and cfg.init and cfg.teacher:
-        keys, why = stage.teacher
+    if stage.teacher_shares and cfg.init and cfg.teacher:
+        keys, why = stage.teacher_shares
         student, teacher = (config_dict(ModelConfig(**read_metadata(path)["model_config"]))
                             for path in (cfg.init, cfg.teacher))
         differ = [f"{k} {teacher[k]} vs {student[k]}" for k in keys if teacher[k] != student[k]]
@@ -354,7 +368,7 @@ def load_teacher(cfg, dist, compile_: bool) -> DiT:
     device = dist.device
     dtype = torch.bfloat16 if device.type == "cuda" else None
     teacher, _ = load_model(cfg.teacher or cfg.init, device, dtype)
-    teacher.set_attn_backend(cfg.attn_backend)
+    teacher.set_attn_backend(cfg.attn_backend or teacher.attn_backend)
     teacher.requires_grad_(False).enable_sequence_parallel(dist.sp_group)
     if compile_:
         teacher.compile_blocks()
@@ -421,7 +435,7 @@ class Stage:
     checkpoints carry; or (stage 2) a search instead of training."""
     kind: str
     needs: tuple = ()
-    teacher: tuple = ()  # (keys, why)
+    teacher_shares: tuple = ()  # (model keys the teacher must share with the student, why)
     guided_teacher: bool = False
     times: Callable | None = None  # (cfg, generator, device) -> t [1]
     objective: Callable | None = None  # (cfg, parts, dist, compile) -> loss(x0, text, mask, t, eps)
@@ -432,20 +446,27 @@ class Stage:
         return any(key in group for group in self.needs)
 
 
+def segment_times(cfg, g, device):
+    """Stages 1 and 3: a time uniform in (0, 1], every MLCD segment drawn equally often
+    (distill.sample_times)."""
+    return distill.sample_times(1, g, device)
+
+
 ARCH_KEYS = tuple(f.name for f in fields(ModelConfig))
 INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
 STAGES = {
     0: Stage("base", times=lambda cfg, g, device: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
              objective=base_objective,
-             sampler=lambda cfg, _: flow.euler_sampler(cfg.sample_steps, cfg.sample_cfg, cfg.sample_shift)),
+             sampler=lambda cfg, init: flow.euler_sampler(cfg.sample_steps, cfg.sample_cfg,
+                                                          cfg.sample_shift)),
     1: Stage("mlcd", needs=(("init", "teacher"),), guided_teacher=True,
-             teacher=(INPUT_KEYS, "stage 1's teacher must read the student's latents and text"),
-             times=lambda cfg, g, device: distill.sample_times(1, g, device), objective=mlcd_objective,
+             teacher_shares=(INPUT_KEYS, "stage 1's teacher must read the student's latents and text"),
+             times=segment_times, objective=mlcd_objective,
              sampler=lambda cfg, init: flow.euler_sampler(cfg.mlcd_segments)),
     2: Stage("mask search", needs=(("init",),), search=distill.mask_search),
     3: Stage("sparse", needs=(("init", "teacher"), ("kd_plan",)),
-             teacher=(ARCH_KEYS, "stage 3 pairs their layers one to one"),
-             times=lambda cfg, g, device: distill.sample_times(1, g, device), objective=kd_objective,
+             teacher_shares=(ARCH_KEYS, "stage 3 pairs their layers one to one"),
+             times=segment_times, objective=kd_objective,
              sampler=lambda cfg, init: init["sampler"]),
 }
 NEEDED = {"init": "a trained model to distil", "teacher": "a trained model to distil",
@@ -493,7 +514,7 @@ def build_student(cfg, dist) -> tuple[DiT, dict]:
         model = DiT(model_config(cfg.model, **cfg.model_args))
     if STAGES[cfg.stage].uses("kd_plan"):
         model.set_mask_plan(load_plan(cfg.kd_plan))
-    model.set_attn_backend(cfg.attn_backend)
+    model.set_attn_backend(cfg.attn_backend or model.attn_backend)
     model.to(dist.device).train()
     model.enable_sequence_parallel(dist.sp_group)
     model.checkpoint_blocks = cfg.activation_checkpointing
@@ -518,10 +539,10 @@ def build_optimizer(cfg, model) -> torch.optim.Optimizer:
 
 
 def set_up(cfg, dist, run) -> tuple[Parts, int, dict]:
-    """Student, EMA, compiled blocks, FSDP2 or DDP, optimizer, the resumed checkpoint, data and objective, in
-    that order. FSDP2 (fsdp: true on several processes; in one, it changes only the checkpoint format)
-    gathers weights in bf16, reduces gradients in fp32 and keeps the fp32 master weights sharded. ->
-    (parts, the step to start from, the metadata every checkpoint carries)"""
+    """Student, EMA, compiled blocks, FSDP2, optimizer, the resumed checkpoint, data, DDP (around the resumed
+    model) and objective, in that order. FSDP2 (fsdp: true on several processes; in one, it changes only the
+    checkpoint format) gathers weights in bf16, reduces gradients in fp32 and keeps the fp32 master weights
+    sharded. -> (parts, the step to start from, the metadata every checkpoint carries)"""
     device = dist.device
     model, init_meta = build_student(cfg, dist)
     ema = build_ema(model, dist)
@@ -544,9 +565,11 @@ def set_up(cfg, dist, run) -> tuple[Parts, int, dict]:
         ids = [device] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     local = cfg.batch_size // dist.dp_size
-    parts = Parts(model, ema, wrapped, opt, dataset, getattr(dataset, "null_text", None), local,
-                  min(cfg.micro_batch or (local if device.type == "cuda" else CPU_MICRO_BATCH), local),
-                  torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"), sharded)
+    micro = min(cfg.micro_batch or (local if device.type == "cuda" else CPU_MICRO_BATCH), local)
+    parts = Parts(model=model, ema=ema, wrapped=wrapped, opt=opt, dataset=dataset,
+                  null_text=getattr(dataset, "null_text", None), local_batch=local, micro_batch=micro,
+                  autocast=torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"),
+                  sharded=sharded)
     parts.objective = STAGES[cfg.stage].objective(cfg, parts, dist, compile_)
     if dist.is_main:
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {dist.world} x {device} "
@@ -573,12 +596,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     with checkpoint.RunFolder(cfg, dist, RUN_KEYS, current_names) as run:
         stage = STAGES[cfg.stage]
         if stage.search:
-            return search(cfg, dist, run, stage)
+            return run_search(cfg, dist, run, stage)
         parts, start, meta = set_up(cfg, dist, run)
         return train_loop(cfg, dist, run, parts, start, meta)
 
 
-def search(cfg, dist, run, stage) -> list[dict]:
+def run_search(cfg, dist, run, stage) -> list[dict]:
     """Stage 2: no training; the search measures and writes its plans (distill.py), its records to the log."""
     records = stage.search(cfg, dist.device, dist.is_main)
     if dist.is_main:

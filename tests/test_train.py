@@ -396,3 +396,60 @@ def test_profile_longer_than_the_run_traces_the_steps_there_are(tmp_path):
     assert os.path.getmtime(path) == before
     with pytest.raises(ValueError, match="profile must be in"):
         cfg_for(tmp_path, "profile=-1")
+
+
+def test_a_run_folder_in_the_layout_before_run_settings_resumes_and_exports_under_its_plan(tmp_path):
+    """Before 2026-12-01 a run chose its backend through model_args, its checkpoints kept the mask plan and the
+    backend inside model_config (the first sessions' backends under the names tile and flex), and its stage keys
+    had other names: such a folder resumes, and exports its student under its plan and backend."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    init = tiny_checkpoint(tmp_path / "init.safetensors", {"kind": "mlcd", "video_shape": [3, 4, 16, 16],
+                                                           "sampler": {"name": "euler", "steps": 2}})
+    (tmp_path / "plan.yaml").write_text("plan: [1, full]\n")
+    s3 = os.path.join(ROOT, "configs", "stage3.yaml")
+    old_style = [f"run_dir={tmp_path / 'run'}", f"init={init}", f"plan={tmp_path / 'plan.yaml'}", "batch_size=4",
+                 "log_every=1", "ckpt_every=2", "warmup=1", "compile=false", "model_args.attn_backend=gather"]
+    train.train(train.load_config(s3, old_style + ["steps=2"]))
+    ckpt = checkpoint.checkpoints(str(tmp_path / "run"))[-1]
+    for name in ("model.safetensors", "ema.safetensors"):  # the layout the earlier code wrote
+        path = os.path.join(ckpt, name)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        config = {**json.loads(meta.pop("model_config")), "mask_plan": json.loads(meta.pop("mask_plan")),
+                  "attn_backend": "tile"}
+        meta.pop("attn_backend")
+        save_file(load_file(path), path, metadata={**meta, "model_config": json.dumps(config)})
+    state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+    old_names = {v: k for k, v in train.ALIASES.items()}
+    config = {old_names.get(k, k): v for k, v in state["config"].items() if k != "attn_backend"}
+    torch.save({**state, "config": {**config, "model_args": {"attn_backend": "gather"}}},
+               os.path.join(ckpt, "state.pt"))
+    assert [r["step"] for r in train.train(train.load_config(s3, old_style + ["steps=3"]))] == [3]
+    out = str(tmp_path / "student.safetensors")
+    checkpoint.export(str(tmp_path / "run"), out)
+    student, meta = load_model(out)
+    assert student.mask_plan == [1, "full"] and student.attn_backend == "gather" and meta["attn_backend"] == "gather"
+
+
+def test_stages_inherit_their_inits_backend_unless_the_config_names_one(tmp_path):
+    from model import save_model
+    from conftest import tiny_model
+    m = tiny_model(attn_backend="gather")
+    init = str(tmp_path / "init.safetensors")
+    save_model(init, m, {"kind": "mlcd", "video_shape": [3, 4, 16, 16], "sampler": {"name": "euler", "steps": 2}})
+    (tmp_path / "plan.yaml").write_text("plan: [1]\n")
+    s3 = os.path.join(ROOT, "configs", "stage3.yaml")
+    for name, extra, want in [("inherit", [], "gather"), ("named", ["attn_backend=merge"], "merge")]:
+        run = str(tmp_path / name)
+        train.train(train.load_config(s3, [f"run_dir={run}", f"init={init}", f"kd_plan={tmp_path / 'plan.yaml'}",
+                                           "batch_size=2", "steps=1", "compile=false", *extra]))
+        assert load_model(os.path.join(checkpoint.checkpoints(run)[-1], "ema.safetensors"))[0].attn_backend == want
+
+
+def test_a_key_under_both_its_names_is_refused_and_an_override_wins_under_either():
+    with pytest.raises(ValueError, match="plan and kd_plan are one key"):
+        train.make_config({"stage": 3, "init": "x", "plan": "a.yaml", "kd_plan": "b.yaml"})
+    s3 = os.path.join(ROOT, "configs", "stage3.yaml")  # it sets kd_plan
+    assert train.load_config(s3, ["plan=mine.yaml"]).kd_plan == "mine.yaml"
