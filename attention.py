@@ -14,25 +14,29 @@ layer), load_plan / save_plan (YAML), mask_label, density, plan_sparsity and pla
 
 Backends (all exact, tested against SDPA with the dense mask):
     "flash"   compiled flex_attention on FlashAttention-4 (kernel_options={"BACKEND": "FLASH"}): the cached
-              BlockMask for sparse layers, no mask for full layers; forward and backward. Needs flash-attn-4
+              BlockMask for sparse layers (at FA4's own forward tile where no gradient is needed,
+              flash_block_size), no mask for full layers; forward and backward. Needs flash-attn-4
               (requirements-gpu.txt), a Hopper or Blackwell GPU and fp16/bf16.
-    "gather"  the mask rewritten as two dense SDPA calls: reference-frame queries over all keys, every other
+    "gather"  the mask rewritten as two dense calls: reference-frame queries over all keys, every other
               frame over its own keys plus the reference keys (gathered per frame), batched over frames
     "merge"   the same split without the per-frame gather: every other frame attends to its own keys (frames
               folded into the batch) and, in one call, to the reference keys; the two partial softmaxes are
               merged by their log-sum-exps. No backward (the lse carries no gradient).
     "auto"    (the default) "flash" wherever it runs; elsewhere "merge" when no gradient is needed and a kernel
               returns the log-sum-exp (CPU; fp16/bf16 on sm80+ GPUs), "gather" otherwise (training, fp32 on a
-              GPU), with dense SDPA (cuDNN first) for full layers. BENCHMARKS.md has the timings.
+              GPU). BENCHMARKS.md has the timings.
+The dense calls (full layers, and the rewrites' calls) run on the fastest dense kernel there is (dense_attention):
+FA4 without a mask where it runs, else SDPA, cuDNN first.
 
 Not here: the mask search (distill.py) and sequence parallelism (parallel.py).
 """
+import math
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from cli import UserError, atomic_output, warn
 
@@ -219,19 +223,26 @@ def tile_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device
 FLASH = {"BACKEND": "FLASH"}
 
 
-def flash_block_size(device) -> tuple[int, int]:
-    """The BlockMask blocks FA4's block sparsity takes: 128 x 128 on Hopper (its forward tile at head dim <= 128,
-    and its backward's key block); Blackwell's forward works on two 128-row query tiles at once, hence 256."""
+def flash_block_size(device, head_dim: int = 128, needs_grad: bool = True) -> tuple[int, int]:
+    """The BlockMask blocks FA4's block sparsity runs on (query block, key block). Hopper: its backward takes
+    128-key blocks only, so a mask that trains is 128 x 128; a forward-only mask gets the forward kernel's own dense
+    tile, 192 x 144 at head dim <= 96 (192 x 128 at <= 64, 128 x 128 above: FA4's sm90 tile table). Blackwell's
+    forward works on two 128-row query tiles at once, hence 256 x 128."""
     device = torch.device(device)
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
-    return (256, 128) if major >= 10 else (128, 128)
+    if major >= 10:
+        return (256, 128)
+    if needs_grad or head_dim > 96:
+        return (128, 128)
+    return (192, 128) if head_dim <= 64 else (192, 144)
 
 
 @torch.compiler.disable  # eager and cached: a compiled block reads it as an input (one graph break per sparse layer)
-def flash_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device) -> BlockMask | None:
+def flash_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device, head_dim: int = 128,
+                     needs_grad: bool = True) -> BlockMask | None:
     """The mask FA4 is given: the tile BlockMask at flash_block_size, or None where it has no full block (FA4
     does not take a partial-only mask yet; the caller falls back to another backend)."""
-    bm = tile_block_mask(num_frames, tokens_per_frame, num_ref, device, flash_block_size(device))
+    bm = tile_block_mask(num_frames, tokens_per_frame, num_ref, device, flash_block_size(device, head_dim, needs_grad))
     return bm if _has_full_block(bm) else None
 
 
@@ -260,25 +271,66 @@ _compiled_flex = None
 FLEX_RECOMPILE_LIMIT = 64  # one compiled flex per (shape, mask family, kernel, with or without gradient)
 
 
-def _flex(q, k, v, block_mask, kernel_options=None):
+def _flex(q, k, v, block_mask, kernel_options=None, return_lse: bool = False):
     """flex_attention compiled once (dynamic=False); inside an outer torch.compile the raw op is traced. FA4 runs
     only compiled: uncompiled, or past dynamo's recompile limit, flex_attention quietly takes its unfused
-    reference path (an N x N score matrix), so the limit is raised for it."""
+    reference path (an N x N score matrix), so the limit is raised for it. return_lse: -> (out, log-sum-exp
+    [B, H, N], natural log)."""
     global _compiled_flex
+    aux = {"return_aux": AuxRequest(lse=True)} if return_lse else {}
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
-    if _compiled_flex is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=kernel_options)
+        out = flex_attention(q, k, v, block_mask=block_mask, kernel_options=kernel_options, **aux)
+    else:
+        if _compiled_flex is None:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        out = _compiled_flex(q, k, v, block_mask=block_mask, kernel_options=kernel_options, **aux)
+    return (out[0], out[1].lse * _flash_lse_scale(kernel_options)) if return_lse else out
+
+
+@torch.compiler.assume_constant_result  # a compiled block bakes it in
+def _flash_lse_scale_for(backend: str) -> float:
+    """torch before the fix of pytorch#181645 (2.11 among them) returns FA4's log-sum-exp through flex_attention
+    multiplied by ln 2: its finaliser took every backend's statistics for base 2."""
+    return 1.0 if backend != "FLASH" or _flex_lse_fixed() else 1 / math.log(2)
+
+
+@lru_cache(maxsize=1)
+def _flex_lse_fixed() -> bool:
+    """Does flex_attention know which backends keep base-2 statistics? The fix gave its finaliser a
+    stats_are_log2 argument: looked for in the compiled code (no source needed), torch 2.11 has none."""
+    import inspect
+
+    def names(code):
+        yield from code.co_varnames
+        for const in code.co_consts:
+            if inspect.iscode(const):
+                yield from names(const)
+    return "stats_are_log2" in set(names(inspect.unwrap(flex_attention).__code__))
+
+
+def _flash_lse_scale(kernel_options) -> float:
+    return _flash_lse_scale_for((kernel_options or {}).get("BACKEND", "TRITON"))
 
 
 _DENSE_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def dense_attention(q, k, v, attn_mask=None):
-    """SDPA, preferring cuDNN then Flash on GPU (the fastest dense kernels there, BENCHMARKS.md)."""
+@torch.compiler.assume_constant_result  # a compiled block bakes it in
+def _fa4_for(device: str, dtype: str, head_dim: int) -> bool:
+    return flash_available(device, getattr(torch, dtype.split(".")[-1]), head_dim)
+
+
+def _fa4_runs(q) -> bool:
+    return q.is_cuda and _fa4_for(str(q.device), str(q.dtype), q.shape[-1])
+
+
+def dense_attention(q, k, v, attn_mask=None, fa4: bool = True):
+    """Dense attention on the fastest kernel there is: FA4 (through FlexAttention, no mask) where it runs and fa4,
+    else SDPA preferring cuDNN then Flash on GPU (BENCHMARKS.md)."""
+    if attn_mask is None and fa4 and _fa4_runs(q):
+        return _flex(q, k, v, None, FLASH)
     if q.is_cuda and attn_mask is None:
         with sdpa_kernel(_DENSE_PRIORITY, set_priority=True):
             return F.scaled_dot_product_attention(q, k, v)
@@ -306,14 +358,15 @@ def _frame_split_cached(T: int, k: int, device: str) -> tuple:
         return _frame_split_uncached(T, k, device)
 
 
-def _with_reference_rows(q, k, v, num_frames: int, num_ref: int):
+def _with_reference_rows(q, k, v, num_frames: int, num_ref: int, fa4: bool):
     """The start shared by the dense rewrites (gather, merge): q, k, v as [B, H, T, S, D], the frame split, and the output
     [B, H, T, S, D] with the reference frames' rows done (their queries attend to every key)."""
     T = num_frames
     ref, rest = _frame_split(T, num_ref, q.device)
     q5, k5, v5 = (x.unflatten(2, (T, -1)) for x in (q, k, v))
     out = torch.empty_like(q5)
-    out.index_copy_(2, ref, dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v).unflatten(2, (len(ref), -1)))
+    rows = dense_attention(q5.index_select(2, ref).flatten(2, 3), k, v, fa4=fa4)
+    out.index_copy_(2, ref, rows.unflatten(2, (len(ref), -1)))
     return q5, k5, v5, out, ref, rest
 
 
@@ -322,16 +375,17 @@ def _by_frame(x5):
     return x5.transpose(1, 2).flatten(0, 1)
 
 
-def gather_sdpa(q, k, v, num_frames: int, num_ref: int):
-    """The tile mask as two dense kernels, reference keys gathered per frame. q, k, v: [B, H, T*S, D] -> same."""
-    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref)
+def gather_attention(q, k, v, num_frames: int, num_ref: int, fa4: bool = True):
+    """The tile mask as two dense kernels (dense_attention: FA4 where it runs and fa4, else SDPA), reference keys
+    gathered per frame. q, k, v: [B, H, T*S, D] -> same."""
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref, fa4)
     B, H, _, S, D = q5.shape
     if len(rest):
         # every other frame: its own S keys then the k*S reference keys, frames folded into the batch
         def own_plus_ref(x5):  # -> [B*F, H, S + k*S, D]
             xr = x5.index_select(2, ref).flatten(2, 3).unsqueeze(2).expand(B, H, len(rest), len(ref) * S, D)
             return _by_frame(torch.cat([x5.index_select(2, rest), xr], dim=3))
-        o = dense_attention(_by_frame(q5.index_select(2, rest)), own_plus_ref(k5), own_plus_ref(v5))
+        o = dense_attention(_by_frame(q5.index_select(2, rest)), own_plus_ref(k5), own_plus_ref(v5), fa4=fa4)
         out.index_copy_(2, rest, o.unflatten(0, (B, len(rest))).transpose(1, 2))
     return out.flatten(2, 3)
 
@@ -353,9 +407,12 @@ def _lse_kernel_for(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return "cudnn" if major >= 9 else "flash" if major >= 8 else None
 
 
-def _attention_lse(q, k, v):
-    """Dense attention and its log-sum-exp per query (natural log, fp32, [B, H, Sq]). The lse carries no
-    gradient in these ops, so this is for inference only."""
+def _attention_lse(q, k, v, fa4: bool = True):
+    """Dense attention and its log-sum-exp per query (natural log, fp32, [B, H, Sq]): FA4 where it runs and fa4,
+    else the SDPA kernel of _lse_kernel. The lse carries no gradient in these ops, so this is for inference only."""
+    if fa4 and _fa4_runs(q):
+        out, lse = _flex(q, k, v, None, FLASH, return_lse=True)
+        return out, lse.float()
     kernel = _lse_kernel(q)
     if kernel == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
@@ -368,18 +425,18 @@ def _attention_lse(q, k, v):
     return out, lse.reshape(q.shape[:-1]).float()
 
 
-def merge_sdpa(q, k, v, num_frames: int, num_ref: int):
-    """The tile mask as three dense kernels and a log-sum-exp merge, with no key/value copied per frame:
-    reference-frame queries over all keys; every other frame over its own keys (frames folded into the batch)
-    and, in one call, over the reference keys; the two partial softmaxes merged by their log-sum-exps.
-    Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
-    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref)
+def merge_attention(q, k, v, num_frames: int, num_ref: int, fa4: bool = True):
+    """The tile mask as three dense kernels (FA4 where it runs and fa4, else SDPA) and a log-sum-exp merge, with no
+    key/value copied per frame: reference-frame queries over all keys; every other frame over its own keys
+    (frames folded into the batch) and, in one call, over the reference keys; the two partial softmaxes merged by
+    their log-sum-exps. Inference only. q, k, v: [B, H, T*S, D] -> [B, H, T*S, D]."""
+    q5, k5, v5, out, ref, rest = _with_reference_rows(q, k, v, num_frames, num_ref, fa4)
     B, num_rest, S = q5.shape[0], len(rest), q5.shape[3]
     if num_rest:
         q_rest, k_rest, v_rest = (x.index_select(2, rest) for x in (q5, k5, v5))  # [B, H, F, S, D]
-        o_own, lse_own = _attention_lse(_by_frame(q_rest), _by_frame(k_rest), _by_frame(v_rest))
+        o_own, lse_own = _attention_lse(_by_frame(q_rest), _by_frame(k_rest), _by_frame(v_rest), fa4)
         k_ref, v_ref = (x.index_select(2, ref).flatten(2, 3) for x in (k5, v5))
-        o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), k_ref, v_ref)
+        o_ref, lse_ref = _attention_lse(q_rest.flatten(2, 3), k_ref, v_ref, fa4)
         o_own, lse_own = o_own.unflatten(0, (B, num_rest)).transpose(1, 2), lse_own.unflatten(0, (B, num_rest)).transpose(1, 2)
         share = torch.sigmoid(lse_ref.unflatten(2, (num_rest, S)) - lse_own)  # softmax mass on the reference keys
         out.index_copy_(2, rest, torch.lerp(o_own, o_ref.unflatten(2, (num_rest, S)), share.unsqueeze(-1).to(q.dtype)))
@@ -441,16 +498,17 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
     if q.is_cuda and torch.is_autocast_enabled("cuda"):  # under bf16 autocast q, k, v may still be fp32 here
         dtype = torch.get_autocast_dtype("cuda")
     backend = choose_backend(backend, str(q.device), str(dtype), q.shape[-1], needs_grad)
-    if backend == "flash":
+    if q.is_cuda and _fa4_for(str(q.device), str(dtype), q.shape[-1]):  # FA4 takes the autocast dtype only
         q, k, v = (x.to(dtype) for x in (q, k, v))
+    if backend == "flash":
         if num_ref >= num_frames:
             return _flex(q, k, v, None, FLASH)
-        block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device)
+        block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device, q.shape[-1], needs_grad)
         if block_mask is not None:
             return _flex(q, k, v, block_mask, FLASH)
         backend = _dense_rewrite(needs_grad, _lse_kernel(q))  # a mask with no full block: FA4 does not take it
     if num_ref >= num_frames:
         return dense_attention(q, k, v)
     if backend == "gather":
-        return gather_sdpa(q, k, v, num_frames, num_ref)
-    return merge_sdpa(q, k, v, num_frames, num_ref)
+        return gather_attention(q, k, v, num_frames, num_ref)
+    return merge_attention(q, k, v, num_frames, num_ref)

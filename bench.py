@@ -31,6 +31,7 @@ from cli import (ArgumentParser, UserError, atomic_output, check_output_path, en
                  positive_int)
 from attention import (BACKENDS, density, entry_num_ref, expand_plan, load_plan, plan_for_sparsity, plan_sparsity,
                        save_plan, tile_attention, tile_block_mask, tile_dense_mask)
+from model import CHECKPOINT_POLICIES
 
 TABLE1_MASKS = {8: [4, 3, 2, 1], 24: [12, 8, 6, 4, 3]}  # the paper's Table 1: k per latent frame count
 FRAMES = {8: "29f", 24: "93f"}
@@ -113,13 +114,22 @@ def dense_kernels(q, k, v, args, fa4: bool) -> dict:
 
 
 def sparse_kernels(S: int, dev: str, args, fa4: bool) -> dict:
-    """name -> kernel(q, k, v, T, num_ref) for each sparse backend timed: FA4, the dense rewrites (merge only
-    forward) and FlexAttention's Triton kernel."""
+    """name -> kernel(q, k, v, T, num_ref) for each sparse backend timed: FA4's block sparsity (flash; forward
+    only, also on the backward's 128 x 128 blocks: flash_128), the dense rewrites on the fastest dense kernel
+    (FA4 where it runs) and on SDPA (cuDNN: *_sdpa; merge only forward), and FlexAttention's Triton kernel."""
     import attention
     kernels = {} if args.skip_triton else \
         {"flex_triton": lambda q, k, v, T, num_ref: attention._flex(q, k, v, tile_block_mask(T, S, num_ref, dev))}
-    for backend in (["flash"] if fa4 else []) + ["gather"] + ([] if args.backward else ["merge"]):
+    rewrites = ["gather"] + ([] if args.backward else ["merge"])
+    for backend in (["flash"] if fa4 else []) + rewrites:
         kernels[backend] = lambda q, k, v, T, num_ref, b=backend: tile_attention(q, k, v, T, num_ref, b)
+    if fa4:
+        if not args.backward:
+            kernels["flash_128"] = lambda q, k, v, T, num_ref: attention._flex(
+                q, k, v, tile_block_mask(T, S, num_ref, dev, (128, 128)), attention.FLASH)
+        for name in rewrites:
+            rewrite = getattr(attention, f"{name}_attention")
+            kernels[f"{name}_sdpa"] = lambda q, k, v, T, num_ref, f=rewrite: f(q, k, v, T, num_ref, fa4=False)
     return kernels
 
 
@@ -154,7 +164,8 @@ def mask_row(name, kernel, q, k, v, T, num_ref, base_ms, flops, args) -> dict | 
 
 def bench_attention(args):
     """Self-attention alone: the dense kernels, then every Table-1 mask on each sparse kernel, forward (or forward +
-    backward with --backward). Baseline: cuDNN SDPA; `line_ms` = cuDNN dense x density."""
+    backward with --backward). Baseline: cuDNN SDPA; `line_ms` = cuDNN dense x density; `%fa4_line`: against FA4's
+    dense kernel x density."""
     import attention
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -177,10 +188,12 @@ def bench_attention(args):
             for name, kernel in sparse_kernels(S, dev, args, fa4).items():
                 row = mask_row(name, kernel, q, k, v, T, num_ref, base, flops, args)
                 if row is not None:
+                    if "flash" in dense:  # FA4's own line: its dense kernel x density
+                        row["%fa4_line"] = fmt(100 * dense["flash"] * density(T, num_ref) / row["ms"], 1)
                     rows.append({**where, "kernel": name, **row})
     print(f"attention {'forward + backward' if args.backward else 'forward'}; speedup and %line against cuDNN")
     print_table(rows, ["frames", "tokens", "kernel", "mask", "ms", "sparsity%", "speedup", "ideal", "%line",
-                       "line_ms", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
+                       "line_ms", "%fa4_line", "TFLOP/s", "max_err"] + (["attention_ms", "other_ms"] if args.profile else []))
     return rows
 
 
@@ -534,11 +547,12 @@ PEAK_BF16_TFLOPS = 989.4  # H100 SXM and H200, dense bf16 tensor cores (NVIDIA's
 INIT_STEPS = 4  # the sampling steps of bench_train's random student (stage 2 calibrates along them)
 
 
-def forward_flops(cfg, latents: list, text_len: int, plan) -> tuple[float, float]:
+def forward_flops(cfg, latents: list, text_len: int, plan) -> dict:
     """FLOPs of one sample's forward through a model of cfg, counted by torch's FLOP counter on the meta device
     (nothing is computed): every matmul the model runs, at latents [C, T, H, W] and text_len text tokens, with
     self-attention under `plan` on the exact gather rewrite, which computes only the plan's kept tiles.
-    -> (the whole forward, its blocks' share: what activation checkpointing recomputes)"""
+    -> {"total": the whole forward, "blocks": its blocks' share (what activation checkpointing recomputes),
+    "attention": the blocks' attention kernels (what checkpoint_policy save_attention keeps)}"""
     from torch.utils.flop_counter import FlopCounterMode
 
     from model import DiT
@@ -550,24 +564,29 @@ def forward_flops(cfg, latents: list, text_len: int, plan) -> tuple[float, float
         mask = torch.ones(1, text_len, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, text, mask)
-    blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                 if name.startswith("DiT.blocks.") and name.count(".") == 2)
-    return float(counter.get_total_flops()), float(blocks)
+    blocks = {name: ops for name, ops in counter.get_flop_counts().items()
+              if name.startswith("DiT.blocks.") and name.count(".") == 2}
+    return {"total": float(counter.get_total_flops()),
+            "blocks": float(sum(sum(ops.values()) for ops in blocks.values())),
+            # SDPA on the meta device runs its math form: attention is the blocks' bmm (the projections are addmm)
+            "attention": float(sum(n for ops in blocks.values() for op, n in ops.items() if "bmm" in str(op)))}
 
 
-def train_flops(stage: int, cfg, latents: list, text_len: int, plan, checkpointing: bool) -> dict:
+def train_flops(stage: int, cfg, latents: list, text_len: int, plan, checkpointing: str | None) -> dict:
     """One training sample's FLOPs as the field counts them. model (MFU): the student's forward and backward
     (3 forwards) under its plan, plus the frozen models' forwards the objective runs: stage 1's teacher with
-    guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus the blocks'
-    forward again where activation checkpointing recomputes it."""
-    student, blocks = forward_flops(cfg, latents, text_len, plan)
-    full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])[0]
-    frozen = {0: 0.0, 1: 3 * full, 3: full}[stage]
-    model = 3 * student + frozen
-    return {"model": model, "hardware": model + (blocks if checkpointing else 0.0)}
+    guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus what activation
+    checkpointing (a model.CHECKPOINT_POLICIES key, or None) recomputes: the blocks' forward, without their
+    attention kernels under save_attention."""
+    student = forward_flops(cfg, latents, text_len, plan)
+    full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])
+    frozen = {0: 0.0, 1: 3 * full["total"], 3: full["total"]}[stage]
+    model = 3 * student["total"] + frozen
+    recomputed = {None: 0.0, "full": student["blocks"], "save_attention": student["blocks"] - student["attention"]}
+    return {"model": model, "hardware": model + recomputed[checkpointing]}
 
 
-def train_overrides(args, cfg, shape, stage: int, n: int, run_dir: str, init: list) -> list:
+def train_overrides(args, cfg, shape, stage: int, n: int, run_dir: str, init: list, policy: str | None) -> list:
     """train.py's key=value overrides for one bench run: the model (as a preset plus what differs from it),
     synthetic latents of `shape`, a batch per sequence-parallel group, the timed and profiled steps, no
     checkpoints; stage 2: one prompt and seed through the search."""
@@ -585,7 +604,8 @@ def train_overrides(args, cfg, shape, stage: int, n: int, run_dir: str, init: li
                      f"sp_size={sp}", f"steps={args.repeat + 2 + PROFILED_STEPS * args.profile}", "log_every=1",
                      "save=false", "warmup=1", f"profile={PROFILED_STEPS * args.profile}",
                      f"compile={str(args.compile).lower()}", f"fsdp={str(args.fsdp).lower()}",
-                     f"activation_checkpointing={str(args.checkpointing).lower()}", *init]
+                     f"activation_checkpointing={str(policy is not None).lower()}",
+                     f"checkpoint_policy={policy or 'full'}", *init]
 
 
 def run_train(stage: int, n: int, overrides: list) -> list | None:
@@ -627,15 +647,18 @@ def bench_train(args):
     work = tempfile.mkdtemp(prefix="bench_train_")
     plan, sparsity = plan_for_sparsity(T, cfg.depth, args.sparsity[-1]) if args.sparsity else (["full"], 0.0)
     save_plan(plan_file := os.path.join(work, "plan.yaml"), plan, T)  # stage 3's
+    policies = [None] if args.checkpointing is None else args.checkpointing or ["full"]
     rows = []
     for stage in args.stages:
         init = []
         if stage:
             random_student(init_path := os.path.join(work, "init.safetensors"), cfg, shape)
             init = [f"init={init_path}", f"teacher={init_path}"] + ([f"kd_plan={plan_file}"] if stage == 3 else [])
-        for n in args.gpus if torch.cuda.is_available() and stage != 2 else [1]:
-            run_dir = os.path.join(work, f"stage{stage}-{n}")
-            log = run_train(stage, n, train_overrides(args, cfg, shape, stage, n, run_dir, init))
+        runs = [(n, policy) for n in (args.gpus if torch.cuda.is_available() and stage != 2 else [1])
+                for policy in (policies if stage != 2 else [None])]
+        for n, policy in runs:
+            run_dir = os.path.join(work, f"stage{stage}-{n}-{policy}")
+            log = run_train(stage, n, train_overrides(args, cfg, shape, stage, n, run_dir, init, policy))
             if log is None:
                 continue
             if stage == 2:  # each threshold's record carries the calibration's cost; s/step: per sampling step
@@ -648,24 +671,25 @@ def bench_train(args):
             s_step = statistics.median(1 / rec["it_s"] for rec in timed)
             sp = min(args.sp, n)
             samples = n // sp * args.batch  # the global batch (an SP group's ranks share their samples' tokens)
-            flops = train_flops(stage, cfg, shape, SYNTHETIC_TEXT_LEN, plan if stage == 3 else ["full"],
-                                args.checkpointing)
+            flops = train_flops(stage, cfg, shape, SYNTHETIC_TEXT_LEN, plan if stage == 3 else ["full"], policy)
             utilisation = {f"{name}%": fmt(100 * flops[kind] * samples / s_step / 1e12 / PEAK_BF16_TFLOPS / n, 1)
                            if torch.cuda.is_available() else "n/a (cpu)"
                            for name, kind in (("MFU", "model"), ("HFU", "hardware"))}
             rows.append({"stage": stage, "gpus": n, "sp": sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
-                         "full", "s/step": fmt(s_step, 3), "tokens/s": fmt(samples * tokens / s_step, 0),
+                         "full", "recompute": policy or "none", "s/step": fmt(s_step, 3), "tokens/s": fmt(samples * tokens / s_step, 0),
                          "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in timed), 1), **utilisation,
                          **(trace_split(os.path.join(run_dir, "trace-rank0.json")) if args.profile else {})})
-    for r in rows:  # throughput against the same stage on one GPU
-        one = [x for x in rows if x["stage"] == r["stage"] and x["gpus"] == 1]
+    for r in rows:  # throughput against the same stage and policy on one GPU
+        one = [x for x in rows if x["stage"] == r["stage"] and x.get("recompute") == r.get("recompute")
+               and x["gpus"] == 1]
         r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
     print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
-          f"{args.batch} per sequence-parallel group, compile {args.compile}, activation checkpointing "
-          f"{args.checkpointing}. MFU: model FLOPs (the student's forward and backward under its plan, and the "
-          "frozen forwards: stage 1's guided teacher and target, stage 3's teacher), counted by torch's FLOP "
-          "counter (bench.train_flops); HFU adds the recomputed forward")
-    print_table(rows, ["stage", "gpus", "sp", "plan", "s/step", "tokens/s", "peak_GiB", "MFU%", "HFU%", "scaling"]
+          f"{args.batch} per sequence-parallel group, compile {args.compile}; recompute: activation "
+          "checkpointing's policy. MFU: model FLOPs (the student's forward and backward under its plan, and the frozen forwards: "
+          "stage 1's guided teacher and target, stage 3's teacher), counted by torch's FLOP counter "
+          "(bench.train_flops); HFU adds what checkpointing recomputes")
+    print_table(rows, ["stage", "gpus", "sp", "plan", "recompute", "s/step", "tokens/s", "peak_GiB", "MFU%", "HFU%",
+                       "scaling"]
                 + (["step_ms"] + SPLIT_COLS + TIMELINE_COLS if args.profile else []))
     return rows
 
@@ -737,7 +761,8 @@ def main(argv=None):
     p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 2, 3], help="train: the stages")
     p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size (at most the GPU count of a run)")
     p.add_argument("--fsdp", action="store_true", help="train: fsdp=true (FSDP2 over every rank)")
-    p.add_argument("--checkpointing", action="store_true", help="train: activation checkpointing")
+    p.add_argument("--checkpointing", nargs="*", default=None, choices=list(CHECKPOINT_POLICIES),
+                   help="train: activation checkpointing under each policy given (none given: full)")
     p.add_argument("--skip-triton", action="store_true", help="attention: leave out flex on its Triton kernel")
     p.add_argument("--latent-frames", type=positive_int, nargs="*", default=[8, 24],
                    help="attention: 8 (29f) and/or 24 (93f)")

@@ -8,6 +8,7 @@ The network knows nothing of noise schedules (flow.py) or training (train.py). `
 presets and their parameter counts. The text side is either a small byte-level encoder trained with the model
 (`text_encoder="bytes"`, the demo) or precomputed embeddings such as T5's (`text_encoder="none"`, OSP-1.2).
 """
+import functools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import parallel
 from cli import UserError, atomic_output
@@ -232,6 +234,27 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(o, "b h n d -> b n (h d)"))
 
 
+def _attention_ops() -> set:
+    """The attention kernels' ops (SDPA's and FlexAttention's, FA4 included): their outputs are the attention
+    output and the log-sum-exp that the backward kernel reads."""
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
+            aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default, torch.ops.higher_order.flex_attention}
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# Activation checkpointing of a block (Block.checkpoint_policy): what its backward may keep of the forward.
+# full: the block's input alone, everything else is recomputed (the attention kernels' forward too);
+# save_attention: also every attention output and its log-sum-exp (selective checkpointing, torch's policy API), so
+# the attention forward runs once and only the cheap rest (norms, modulation, RoPE, projections, MLP) is recomputed.
+CHECKPOINT_POLICIES = {"full": None, "save_attention": functools.partial(create_selective_checkpoint_contexts,
+                                                                         _keep_attention)}
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -243,8 +266,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(D, cfg.mlp_width), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_width, D))
         self.scale_shift_table = nn.Parameter(torch.zeros(6, D))  # adaLN-single: per-block offsets
+        self.checkpoint_policy = None  # a key of CHECKPOINT_POLICIES: recompute in training (DiT.set_checkpointing)
 
-    def forward(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
+    def forward(self, *args):
+        """(x, t_mod, context, context_mask, rope, num_frames, sp_group) -> x. The checkpoint sits inside the
+        block, so a compiled block compiles its policy with it and FSDP gathers the weights outside it."""
+        if self.checkpoint_policy is None or not torch.is_grad_enabled():
+            return self.body(*args)
+        context_fn = CHECKPOINT_POLICIES[self.checkpoint_policy]
+        return checkpoint(self.body, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
+
+    def body(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
         # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
@@ -308,7 +340,6 @@ class DiT(nn.Module):
         self.out = nn.Linear(D, self.patch_dim)
         self._rope_cache = {}
         self.sp_group = None  # set by enable_sequence_parallel
-        self.checkpoint_blocks = False  # activation checkpointing per block in training (train.py sets it)
         self.initialize_weights()
         self.set_mask_plan(mask_plan)
         self.set_attn_backend(attn_backend)
@@ -345,6 +376,13 @@ class DiT(nn.Module):
         self.attn_backend = backend_name(backend)
         for block in self.blocks:
             block.attn.backend = self.attn_backend
+
+    def set_checkpointing(self, policy: str | None):
+        """Activation checkpointing of every block in training: a key of CHECKPOINT_POLICIES, or None (keep all)."""
+        if policy is not None and policy not in CHECKPOINT_POLICIES:
+            raise UserError(f"checkpoint policy {policy!r}: choose one of {', '.join(CHECKPOINT_POLICIES)}")
+        for block in self.blocks:
+            block.checkpoint_policy = policy
 
     def set_observers(self, observers):
         """Attach one observer per self-attention layer (model.Attend.observer: the mask search and layer-wise KD
@@ -419,11 +457,7 @@ class DiT(nn.Module):
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            args = (x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
-            if self.checkpoint_blocks and torch.is_grad_enabled():  # keep the block's input, recompute the rest
-                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-            else:
-                x = block(*args)
+            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
         if self.sp_group is not None:

@@ -45,7 +45,8 @@ from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
 from data import (NULL_FILE, VOCABULARY, check_shard_headers, collate, moving_shapes_batch, open_dataset,
                   shard_paths)
-from model import DiT, ModelConfig, config_dict, load_model, model_config, num_params, read_metadata
+from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, config_dict, load_model, model_config, num_params,
+                   read_metadata)
 
 
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
@@ -53,7 +54,8 @@ CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory wha
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
-            "compile", "activation_checkpointing", "run_dir", "device", "profile", "attn_backend")
+            "compile", "activation_checkpointing", "checkpoint_policy", "run_dir", "device", "profile",
+            "attn_backend")
 
 
 @dataclass
@@ -97,6 +99,8 @@ class TrainConfig:
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
     attn_backend: str = ""               # "auto", "flash", "gather", "merge"; empty: init's own, else auto
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping it
+    checkpoint_policy: str = "full"      # what it keeps: "full" (each block's input) or "save_attention"
+                                         # (also the attention outputs: their forward runs once; model.py)
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
     sample_steps: int = 50               # the sampler a stage-0 checkpoint carries for sample.py
@@ -233,6 +237,9 @@ def make_config(values: dict) -> TrainConfig:
         if not any(getattr(cfg, key) for key in group):
             raise UserError(f"stage {cfg.stage} ({STAGES[cfg.stage].kind}) needs {' or '.join(group)}: "
                             f"{NEEDED[group[0]]}")
+    if cfg.checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise UserError(f"checkpoint_policy must be one of {', '.join(CHECKPOINT_POLICIES)}, got "
+                        f"{cfg.checkpoint_policy!r}")
     if cfg.mlcd_target not in ("ema", "stopgrad") or cfg.mlcd_teacher_steps < cfg.mlcd_segments:
         raise UserError("mlcd_target must be 'ema' or 'stopgrad', and mlcd_teacher_steps >= mlcd_segments")
     return cfg
@@ -517,7 +524,7 @@ def build_student(cfg, dist) -> tuple[DiT, dict]:
     model.set_attn_backend(cfg.attn_backend or model.attn_backend)
     model.to(dist.device).train()
     model.enable_sequence_parallel(dist.sp_group)
-    model.checkpoint_blocks = cfg.activation_checkpointing
+    model.set_checkpointing(cfg.checkpoint_policy if cfg.activation_checkpointing else None)
     return model, init_meta
 
 

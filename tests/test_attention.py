@@ -67,15 +67,17 @@ def materialise(bm, N):
 
 @pytest.mark.parametrize("T,S,k", [(6, 100, 1), (6, 100, 2), (4, 300, 1), (8, 45, 3), (3, 200, 1)])
 def test_the_block_mask_fa4_is_given_is_the_dense_mask(T, S, k):
-    """flash_block_mask (what the "flash" backend hands FA4: 128 x 128 blocks on Hopper) and its Blackwell form
-    (256 x 128) stand for exactly the dense reference mask."""
+    """flash_block_mask (what the "flash" backend hands FA4: on Hopper 128 x 128 blocks where a gradient is needed,
+    the forward kernel's own tile, 192 x 144 at head dim 96, where none is) and the Blackwell form (256 x 128)
+    stand for exactly the dense reference mask."""
     from attention import flash_block_mask
-    bm = flash_block_mask(T, S, k, "cpu")
-    if bm is not None:  # None: no full block, so the backend falls back (checked below)
-        assert bm.BLOCK_SIZE == (128, 128) and bm.full_kv_num_blocks.sum() > 0
-        assert torch.equal(materialise(bm, T * S), tile_dense_mask(T, S, k))
-    else:
-        assert tile_block_mask(T, S, k).full_kv_num_blocks.sum() == 0
+    for needs_grad, size in ((True, (128, 128)), (False, (192, 144))):
+        bm = flash_block_mask(T, S, k, "cpu", head_dim=96, needs_grad=needs_grad)
+        if bm is not None:  # None: no full block, so the backend falls back (checked below)
+            assert bm.BLOCK_SIZE == size and bm.full_kv_num_blocks.sum() > 0
+            assert torch.equal(materialise(bm, T * S), tile_dense_mask(T, S, k))
+        else:
+            assert tile_block_mask(T, S, k, block_size=size).full_kv_num_blocks.sum() == 0
     assert torch.equal(materialise(tile_block_mask(T, S, k, block_size=(256, 128)), T * S), tile_dense_mask(T, S, k))
 
 
@@ -114,20 +116,20 @@ def test_merge_backend_equals_sdpa_with_dense_mask(T, S, k, batch):
 def test_auto_backend_is_merge_for_inference_and_gather_for_training(monkeypatch, capsys):
     import attention
     seen = []
-    for name in ("merge_sdpa", "gather_sdpa"):
+    for name in ("merge_attention", "gather_attention"):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
     q, key, v = qkv(4 * 30, grad=True)
     with torch.no_grad():
         tile_attention(q, key, v, 4, 1)
     tile_attention(q, key, v, 4, 1).sum().backward()  # the training path has a backward
-    assert seen == ["merge_sdpa", "gather_sdpa"] and q.grad is not None
+    assert seen == ["merge_attention", "gather_attention"] and q.grad is not None
     tile_attention(q, key, v, 4, 1, backend="merge").sum().backward()  # merge has no backward: gather trains
-    assert seen[-1] == "gather_sdpa"
+    assert seen[-1] == "gather_attention"
     tile_attention(q, key, v, 4, 4, backend="merge").sum().backward()  # a full layer: dense SDPA, any backend
     with torch.no_grad():
         tile_attention(q, key, v, 4, 1, backend="flash")  # no FA4 on a CPU: the auto choice, with a warning
-    assert seen[-1] == "merge_sdpa" and "flash-attn-4" in capsys.readouterr().err
+    assert seen[-1] == "merge_attention" and "flash-attn-4" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown attention backend"):
         tile_attention(q, key, v, 4, 1, backend="tile-ish")
 

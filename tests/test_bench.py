@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
 import attention
 import bench
@@ -75,18 +76,36 @@ def test_forward_flops_against_a_count_by_hand(plan):
     N = T * H * W // 4  # patches of 1 x 2 x 2
     P = C * 4  # a patch's values
     per_block = 2 * N * (4 * D * D + 2 * D * D + 2 * D * F) + 2 * L * 2 * D * D + 4 * N * L * D
+    cross_attention = cfg.depth * 4 * N * L * D
     attention = sum(4 * N * N * D * (density(T, k) if k != "full" else 1.0) for k in plan * (cfg.depth // len(plan)))
     whole = 2 * N * P * D + 2 * (256 * D + D * D + D * 6 * D) + 2 * L * (cfg.text_dim * D + D * D) + \
         cfg.depth * per_block + attention + 2 * N * D * P
-    total, blocks = bench.forward_flops(cfg, latents, L, plan)
-    assert total == pytest.approx(whole, rel=1e-9) and blocks == pytest.approx(cfg.depth * per_block + attention)
+    flops = bench.forward_flops(cfg, latents, L, plan)
+    assert flops["total"] == pytest.approx(whole, rel=1e-9)
+    assert flops["blocks"] == pytest.approx(cfg.depth * per_block + attention)
+    assert flops["attention"] == pytest.approx(attention + cross_attention)
+
+
+def _cpu_sdpa_flops(q, k, v, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(q, k, v)
+
+
+def _cpu_sdpa_backward_flops(grad, q, k, v, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad, q, k, v)
+
+
+# torch's FLOP counter knows the GPU attention kernels; the CPU one it is told here (the same formulas)
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                       _cpu_sdpa_backward_flops}
 
 
 def test_train_flops_accounts_for_each_stage_as_a_real_step_runs(tmp_path):
     """torch's FLOP counter around one real training step of each stage (the student's forward and backward, the
     frozen forwards of its objective) against train_flops: the same ratio for every stage (the counter counts a
     few ops train_flops leaves out, the text encoding of the step's captions among them), and the recompute of
-    activation checkpointing in HFU alone."""
+    activation checkpointing in HFU alone: the blocks' forward under "full", without the attention kernels under
+    "save_attention"."""
     import train
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -98,17 +117,17 @@ def test_train_flops_accounts_for_each_stage_as_a_real_step_runs(tmp_path):
     (tmp_path / "plan.yaml").write_text("plan: [1]\n")
     ratios = {}
     model_args = json.dumps({"depth": cfg.depth, "hidden": cfg.hidden, "heads": cfg.heads, "text_dim": cfg.text_dim})
-    for stage, checkpointing in [(0, False), (1, False), (3, False), (0, True)]:
+    for stage, policy in [(0, None), (1, None), (3, None), (0, "full"), (0, "save_attention")]:
         run = train.load_config(os.path.join(ROOT, "configs", f"stage{stage}.yaml"), [
-            f"run_dir={tmp_path / f'{stage}-{checkpointing}'}", "model=osp12", f"model_args={model_args}",
+            f"run_dir={tmp_path / f'{stage}-{policy}'}", "model=osp12", f"model_args={model_args}",
             "data=synthetic", f"synthetic_shape={shape}", "batch_size=1", "steps=1", "save=false",
-            "compile=false", f"activation_checkpointing={str(checkpointing).lower()}", "caption_dropout=0"]
+            "compile=false", f"activation_checkpointing={str(policy is not None).lower()}",
+            f"checkpoint_policy={policy or 'full'}", "caption_dropout=0"]
             + ([f"init={init}", f"teacher={init}", f"kd_plan={tmp_path / 'plan.yaml'}"] if stage else []))
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             train.train(run)
-        flops = bench.train_flops(stage, cfg, shape, SYNTHETIC_TEXT_LEN, [1] if stage == 3 else ["full"],
-                                  checkpointing)
-        ratios[stage, checkpointing] = counter.get_total_flops() / flops["hardware" if checkpointing else "model"]
+        flops = bench.train_flops(stage, cfg, shape, SYNTHETIC_TEXT_LEN, [1] if stage == 3 else ["full"], policy)
+        ratios[stage, policy] = counter.get_total_flops() / flops["hardware" if policy else "model"]
     assert max(ratios.values()) / min(ratios.values()) < 1.03, ratios
 
 

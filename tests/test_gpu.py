@@ -59,3 +59,53 @@ def test_compiled_model_on_flash_equals_gather():
         results[backend] = out.detach(), m.blocks[0].attn.qkv.weight.grad.clone()
     close(results["flash"][0], results["gather"][0], "model output")
     close(results["flash"][1], results["gather"][1], "qkv weight gradient")
+
+
+@pytest.mark.parametrize("head_dim", [96, 128])
+@pytest.mark.parametrize("T,S,k", [(8, 450, 1), (8, 450, 3), (24, 150, 3)])
+def test_forward_tiles_and_rewrites_on_fa4_equal_sdpa_with_dense_mask(T, S, k, head_dim):
+    """A forward-only BlockMask at FA4's own tile (192 x 144 at head dim 96), and the dense rewrites with their
+    dense calls on FA4 (gather forward and backward, merge forward) against fp32 SDPA under the dense mask."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, key, v = (torch.randn(1, 4, T * S, head_dim, device="cuda", generator=g, dtype=torch.bfloat16)
+                 for _ in range(3))
+    ref = F.scaled_dot_product_attention(*(x.float() for x in (q, key, v)), attn_mask=tile_dense_mask(T, S, k, "cuda"))
+    with torch.no_grad():
+        assert attention.flash_block_size("cuda", head_dim, needs_grad=False) == ((192, 144) if head_dim == 96 else
+                                                                                  (128, 128))
+        for backend in ("flash", "merge", "gather"):
+            close(tile_attention(q, key, v, T, k, backend), ref, f"{backend} forward")
+    grad = torch.randn(q.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, key, v))
+    grads = torch.autograd.grad(attention.gather_attention(qg, kg, vg, T, k), (qg, kg, vg), grad)
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, key, v))
+    ref_grads = torch.autograd.grad(F.scaled_dot_product_attention(qf, kf, vf, attn_mask=tile_dense_mask(
+        T, S, k, "cuda")), (qf, kf, vf), grad.float())
+    for name, a, b in zip("qkv", grads, ref_grads):
+        close(a, b, f"gather on FA4: d{name}")
+
+
+def test_checkpoint_policies_in_a_compiled_model_on_fa4_give_the_same_gradients():
+    """Activation checkpointing inside the compiled blocks, full and save_attention (FA4's outputs kept), against
+    no checkpointing: the same output and weight gradients."""
+    from model import DiT, model_config
+    torch.manual_seed(0)
+    cfg = model_config("osp12", depth=3, hidden=192, heads=2, text_dim=32)
+    m = DiT(cfg, mask_plan=[1, "full", 2], attn_backend="flash").cuda().to(torch.bfloat16).compile_blocks()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(1, 4, 8, 30, 40, device="cuda", dtype=torch.bfloat16)
+    t = torch.full((1,), 0.5, device="cuda")
+    text = torch.randn(1, 8, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
+    results = {}
+    for policy in (None, "full", "save_attention"):
+        m.set_checkpointing(policy)
+        m.zero_grad(set_to_none=True)
+        out = m(x, t, text, mask)
+        out.float().square().mean().backward()
+        results[policy] = out.detach(), [p.grad.clone() for p in m.blocks.parameters()]
+    for policy in ("full", "save_attention"):
+        close(results[policy][0], results[None][0], f"{policy}: output")
+        for a, b in zip(results[policy][1], results[None][1], strict=True):
+            close(a, b, f"{policy}: block weight gradient")

@@ -308,26 +308,44 @@ def test_micro_batches_give_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage, monkeypatch):
-    """Per-block activation checkpointing recomputes the same numbers (stage 3: with the layer-wise KD term)."""
-    import torch.utils.checkpoint
-    calls, real = [], torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage):
+    """Per-block activation checkpointing recomputes the same numbers (stage 3: with the layer-wise KD term), under
+    either policy: "full" runs every attention kernel's forward again in the backward, "save_attention" never does
+    (counted at the dispatcher, where a kept output is not recomputed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import model
+
+    class CountAttention(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.calls += op in model._attention_ops()
+            return op(*args, **(kwargs or {}))
+
     extra = [] if stage == 0 else [
         f"init={tiny_checkpoint(tmp_path / 'init.safetensors', {'kind': 'mlcd', 'video_shape': [3, 4, 16, 16], 'sampler': {'name': 'euler', 'steps': 2, 'cfg': 1.0, 'shift': 1.0}})}",
         "plan=" + str(tmp_path / "plan.yaml"), "num_frames=4", "size=16"]
     (tmp_path / "plan.yaml").write_text("plan: [1, 2]\n")
     config = os.path.join(ROOT, "configs", f"stage{stage}.yaml")
-    runs = []
-    for ac in ("false", "true"):
-        cfg = train.load_config(config, [f"run_dir={tmp_path / ac}", "batch_size=4", "steps=3", "log_every=1",
-                                         "ckpt_every=3", "warmup=1", "compile=false", f"activation_checkpointing={ac}",
+    runs, calls = {}, {}
+    for ac, policy in (("false", "full"), ("true", "full"), ("true", "save_attention")):
+        cfg = train.load_config(config, [f"run_dir={tmp_path / ac / policy}", "batch_size=4", "steps=3",
+                                         "log_every=1", "ckpt_every=3", "warmup=1", "compile=false",
+                                         f"activation_checkpointing={ac}", f"checkpoint_policy={policy}",
                                          *([] if stage else ["model=tiny"]), *extra])
-        runs.append(train.train(cfg))
-        assert bool(calls) == (ac == "true")  # 2 blocks x 3 steps checkpointed, or none
-    for a, b in zip(*runs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-7)
+        with CountAttention() as counter:
+            runs[ac, policy] = train.train(cfg)
+        calls[ac, policy] = counter.calls
+    assert calls["true", "full"] > calls["false", "full"] == calls["true", "save_attention"] > 0, calls
+    for run in (runs["true", "full"], runs["true", "save_attention"]):
+        for a, b in zip(runs["false", "full"], run, strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-7)
+    with pytest.raises(train.UserError, match="checkpoint_policy must be one of full, save_attention"):
+        train.load_config(config, ["checkpoint_policy=most"])
 
 
 def test_a_run_whose_checkpoints_all_fail_is_never_restarted_from_scratch(tmp_path):
