@@ -237,7 +237,12 @@ def flash_block_size(device, head_dim: int = 128, needs_grad: bool = True) -> tu
     return (192, 128) if head_dim <= 64 else (192, 144)
 
 
-@torch.compiler.disable  # eager and cached: a compiled block reads it as an input (one graph break per sparse layer)
+@torch.compiler.assume_constant_result  # a compiled block bakes it in
+def _flash_block_size_for(device: str, head_dim: int, needs_grad: bool) -> tuple[int, int]:
+    return flash_block_size(device, head_dim, needs_grad)
+
+
+@torch.compiler.disable  # eager and cached: DiT.block_masks makes them before the compiled blocks, which take them
 def flash_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device, head_dim: int = 128,
                      needs_grad: bool = True) -> BlockMask | None:
     """The mask FA4 is given: the tile BlockMask at flash_block_size, or None where it has no full block (FA4
@@ -485,11 +490,13 @@ def describe_backend(backend: str, device, dtype: torch.dtype, head_dim: int, ne
     return f"{chosen}: the tile mask as dense {dense} calls ({'log-sum-exp merge' if chosen == 'merge' else 'reference keys gathered per frame'}); full layers {dense}"
 
 
-def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"):
+def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto", block_mask=None):
     """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
     "auto" runs FA4 through FlexAttention where it can (choose_backend), else the exact dense rewrites: "merge"
     when no gradient is needed (sampling, evaluation, the mask search), "gather" when one is (training) or when
-    no kernel returns a log-sum-exp for these inputs (fp32 on a GPU); full layers then run dense SDPA."""
+    no kernel returns a log-sum-exp for these inputs (fp32 on a GPU); full layers then run dense attention.
+    block_mask: the layer's flash_block_mask, made before a compiled region (DiT.block_masks) so that the region
+    takes it as an input; None: looked up here (in a compiled region, a graph break)."""
     N = q.shape[2]
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
@@ -503,7 +510,9 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
     if backend == "flash":
         if num_ref >= num_frames:
             return _flex(q, k, v, None, FLASH)
-        block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device, q.shape[-1], needs_grad)
+        if block_mask is None or block_mask.BLOCK_SIZE != _flash_block_size_for(str(q.device), q.shape[-1],
+                                                                                 needs_grad):
+            block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device, q.shape[-1], needs_grad)
         if block_mask is not None:
             return _flex(q, k, v, block_mask, FLASH)
         backend = _dense_rewrite(needs_grad, _lse_kernel(q))  # a mask with no full block: FA4 does not take it

@@ -22,7 +22,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import parallel
 from cli import UserError, atomic_output
-from attention import FULL, backend_name, entry_num_ref, expand_plan, tile_attention
+from attention import (FULL, backend_name, choose_backend, entry_num_ref, expand_plan, flash_block_mask,
+                       tile_attention)
 
 
 @dataclass
@@ -167,14 +168,15 @@ class Attend(nn.Module):
         self.plan_entry = FULL  # this layer's mask: FULL or its number of reference frames (DiT.set_mask_plan)
         self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
 
-    def attend(self, q, k, v, rope, num_frames, sp_group=None):
-        """q, k, v: [B, n, H, Dh], this rank's n tokens (all N without sequence parallelism) -> [B, n, H * Dh]."""
+    def attend(self, q, k, v, rope, num_frames, sp_group=None, block_mask=None):
+        """q, k, v: [B, n, H, Dh], this rank's n tokens (all N without sequence parallelism) -> [B, n, H * Dh].
+        block_mask: this layer's FA4 BlockMask where DiT.block_masks made one."""
         N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
         if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
             q, k, v = parallel.seq_to_heads(torch.stack([q, k, v], 2), sp_group)[:, :N].unbind(2)
         q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend)
+        o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend, block_mask)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
         o = rearrange(o, "b h n d -> b n h d")
@@ -210,10 +212,10 @@ class SelfAttention(Attend):
         self.q_norm, self.k_norm = qk_norm(cfg.qk_norm, cfg), qk_norm(cfg.qk_norm, cfg)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, rope, num_frames, sp_group=None):
+    def forward(self, x, rope, num_frames, sp_group=None, block_mask=None):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, n, hidden] each
         q, k, v = (y.unflatten(-1, (self.heads, -1)) for y in (self.q_norm(q), self.k_norm(k), v))  # [B, n, H, Dh]
-        return self.proj(self.attend(q, k, v, rope, num_frames, sp_group))
+        return self.proj(self.attend(q, k, v, rope, num_frames, sp_group, block_mask))
 
 
 class CrossAttention(nn.Module):
@@ -269,18 +271,18 @@ class Block(nn.Module):
         self.checkpoint_policy = None  # a key of CHECKPOINT_POLICIES: recompute in training (DiT.set_checkpointing)
 
     def forward(self, *args):
-        """(x, t_mod, context, context_mask, rope, num_frames, sp_group) -> x. The checkpoint sits inside the
-        block, so a compiled block compiles its policy with it and FSDP gathers the weights outside it."""
+        """(x, t_mod, context, context_mask, rope, num_frames, sp_group, block_mask) -> x. The checkpoint sits
+        inside the block, so a compiled block compiles its policy with it and FSDP gathers the weights outside it."""
         if self.checkpoint_policy is None or not torch.is_grad_enabled():
             return self.body(*args)
         context_fn = CHECKPOINT_POLICIES[self.checkpoint_policy]
         return checkpoint(self.body, *args, use_reentrant=False, **({"context_fn": context_fn} if context_fn else {}))
 
-    def body(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None):
+    def body(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None, block_mask=None):
         # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
         x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
-                                            rope, num_frames, sp_group)
+                                            rope, num_frames, sp_group, block_mask)
         x = x + self.cross(self.norm_cross(x), context, context_mask)
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m[:, None], scale_m[:, None]))
         return x
@@ -404,6 +406,24 @@ class DiT(nn.Module):
                 block.compile(dynamic=False)
         return self
 
+    def block_masks(self, grid, x) -> list:
+        """Each layer's FA4 BlockMask where the flash backend will run a sparse layer on this input, else None.
+        Made here, eagerly (cached per shape), so that a compiled block takes its mask as an input: a lookup
+        inside would break the block's graph, and a graph break inside an activation checkpoint leaves the policy
+        blind to the FA4 kernel (its forward then runs again)."""
+        masks = [None] * len(self.blocks)
+        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else self.patch_embed.weight.dtype
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if choose_backend(self.attn_backend, str(x.device), str(dtype), self.cfg.head_dim, needs_grad) != "flash":
+            return masks
+        T, S = grid[0], grid[1] * grid[2]
+        for i, entry in enumerate(self.mask_plan):
+            num_ref = entry_num_ref(entry, T)
+            if num_ref < T:
+                masks[i] = flash_block_mask(T, S, num_ref, x.device, self.cfg.head_dim, needs_grad)
+        return masks
+
     def enable_sequence_parallel(self, group):
         """Shard the token sequence over `group` (Ulysses, parallel.py); None turns it off."""
         if group is not None:
@@ -456,8 +476,9 @@ class DiT(nn.Module):
         t_emb = self.t_embed(timestep_embedding(t, TIME_FEATURES).to(x.dtype))  # [B, D]
         t_mod = self.t_block(t_emb).unflatten(1, (6, -1))  # [B, 6, D]
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group)
+        masks = self.block_masks(grid, x)
+        for block, block_mask in zip(self.blocks, masks, strict=True):
+            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group, block_mask)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
         if self.sp_group is not None:

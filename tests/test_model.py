@@ -23,7 +23,7 @@ def inputs(m, B=2, T=4, H=16, W=16, seed=0):
 
 def sdpa_reference(num_frames_plan):
     """A stand-in for tile_attention: SDPA with the dense boolean mask (or no mask for full)."""
-    def attend(q, k, v, num_frames, num_ref, backend="auto"):
+    def attend(q, k, v, num_frames, num_ref, backend="auto", block_mask=None):
         if num_ref >= num_frames:
             return F.scaled_dot_product_attention(q, k, v)
         S = q.shape[2] // num_frames
@@ -179,3 +179,37 @@ def test_whole_model_traces_without_graph_breaks():
     with torch.no_grad():
         explained = torch._dynamo.explain(m)(x, t, ids, mask)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_blocks_take_their_block_masks_as_inputs(monkeypatch):
+    """Where the flash backend runs a sparse layer, DiT.block_masks makes its BlockMask before the compiled blocks,
+    which take it as an input: no graph break (looked up inside a block, it broke the block's graph, and inside an
+    activation checkpoint that hid FA4 from the checkpoint's policy). FlexAttention's eager kernel stands in for
+    FA4 here (on a CPU it runs inference only); the output is the dense rewrite's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import attention
+    monkeypatch.setattr(attention, "flash_available", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(attention, "FLASH", None)
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny", hidden=256, heads=2), mask_plan=[1, "full"], attn_backend="gather")
+    x, t = torch.randn(1, 3, 4, 64, 64), torch.rand(1)  # 4 frames of 256 tokens: 128-token blocks, some full
+    ids, mask = m.tokenize(["a red circle moving right"])
+    with torch.no_grad():
+        reference = m(x, t, ids, mask)
+        m.set_attn_backend("flash")
+        assert [bm is not None for bm in m.block_masks((4, 16, 16), x)] == [True, False]
+        breaks = {}
+        for made_before in (True, False):
+            if not made_before:  # the lookup inside the block, as before
+                monkeypatch.setattr(DiT, "block_masks", lambda self, grid, x: [None] * len(self.blocks))
+            torch._dynamo.reset()
+            counters.clear()
+            for block in m.blocks:  # dynamo as compile_blocks runs it; the kernels eager (a CPU flex detail)
+                block._compiled_call_impl = None
+                block.compile(backend="aot_eager", dynamic=False)
+            out = m(x, t, ids, mask)
+            breaks[made_before] = sum(counters["graph_break"].values())
+            assert (out - reference).abs().max().item() < 1e-4
+    assert breaks[True] == 0 and breaks[False] > 0, breaks
