@@ -129,9 +129,52 @@ def score(videos, prompts):
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Fidelity: a model's videos against a reference model's on the same prompts, seeds and noise
+
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. (2004): an 11 x 11 Gaussian window, sigma 1.5, valid positions
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # on pixels in [0, 1]
+
+
+def psnr(videos, references):
+    """Peak signal-to-noise ratio in dB of each video against its reference, pixels [-1, 1] read as [0, 1]:
+    10 log10(1 / MSE). [n, 3, T, H, W] twice -> [n] (inf where a video equals its reference)."""
+    mse = ((videos.float() - references.float()) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse)
+
+
+def ssim(videos, references):
+    """Structural similarity of each video to its reference (Wang et al. 2004): local means, variances and
+    covariance under an 11 x 11 Gaussian window (sigma 1.5) at every valid position of every frame and channel,
+    pixels [-1, 1] read as [0, 1], averaged over them. [n, 3, T, H, W] twice -> [n]."""
+    n, c, t, h, w = videos.shape
+    if min(h, w) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, got {h} x {w}")
+    x, y = ((v.float().transpose(1, 2).reshape(n * t * c, 1, h, w) + 1) / 2 for v in (videos, references))
+    g = torch.exp(-(torch.arange(SSIM_WINDOW) - SSIM_WINDOW // 2).float().pow(2) / (2 * SSIM_SIGMA ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].to(x.device)
+    blur = lambda z: F.conv2d(z, window)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    local = ((2 * mx * my + SSIM_C1) * (2 * cxy + SSIM_C2)) / ((mx ** 2 + my ** 2 + SSIM_C1) * (vx + vy + SSIM_C2))
+    return local.view(n, -1).mean(1)
+
+
+def fidelity(videos, references) -> dict:
+    """PSNR (dB) and SSIM of videos against their references, per video and their means over videos (a video
+    equal to its reference counts at PSNR_CAP)."""
+    p, s = psnr(videos, references), ssim(videos, references)
+    return {"psnr": p.clamp(max=PSNR_CAP).mean().item(), "ssim": s.mean().item(),
+            "psnr_per_video": [round(v, 3) for v in p.clamp(max=PSNR_CAP).tolist()],
+            "ssim_per_video": [round(v, 4) for v in s.tolist()]}
+
+
+PSNR_CAP = 100.0  # dB: where a video equals its reference (MSE 0)
+
+
 @torch.no_grad()
-def evaluate_model(sample_fn, prompts, batch_size=16):
-    """Call sample_fn on prompts in chunks of batch_size, then score all videos against their prompts."""
+def sample_all(sample_fn, prompts, batch_size=16):
+    """Call sample_fn on prompts in chunks of batch_size (chunk i is sample_fn's i-th call) -> videos on the CPU."""
     prompts = list(prompts)
     videos = []
     for i in range(0, len(prompts), batch_size):
@@ -140,7 +183,12 @@ def evaluate_model(sample_fn, prompts, batch_size=16):
         if out.shape[0] != len(chunk):
             raise ValueError(f"sample_fn returned {out.shape[0]} videos for {len(chunk)} prompts")
         videos.append(out.detach().float().cpu())
-    return score(torch.cat(videos) if videos else [], prompts)
+    return torch.cat(videos) if videos else []
+
+
+def evaluate_model(sample_fn, prompts, batch_size=16):
+    """Sample the prompts (sample_all), then score all videos against their prompts."""
+    return score(sample_all(sample_fn, prompts, batch_size), prompts)
 
 
 def print_table(result, title=None):
@@ -163,6 +211,9 @@ def main(argv=None):
     ap.add_argument("--shift", type=non_negative_float, nargs="*", default=[None],
                     help="sampling time shifts (default: checkpoint's)")
     ap.add_argument("--plan", default=None, help="a stage-2 plan.yaml to apply to the checkpoint (no retraining)")
+    ap.add_argument("--reference", default=None,
+                    help="fidelity: PSNR and SSIM against this model's videos (its own sampler, no plan) of the same "
+                         "prompts, seeds and noise, e.g. the full-attention model")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
@@ -218,26 +269,48 @@ def evaluate_checkpoint(args):
     if plan is not None:
         model.set_mask_plan(plan)
     prompts = validation_prompts(args.n, args.seed)
+    references = None
+    if args.reference:
+        reference, ref_meta = load_model(args.reference, device)
+        if ref_meta.get("video_shape") != meta.get("video_shape"):
+            raise UserError(f"--reference {args.reference!r} makes videos {ref_meta.get('video_shape')}, the checkpoint "
+                            f"{meta.get('video_shape')}: fidelity compares videos of one shape")
+        references = sample_all(sampler(reference, ref_meta, flow.sampler_settings(ref_meta), args, args.reference,
+                                        first=1), prompts, args.batch_size)
+        del reference
     for steps, cfg, shift in itertools.product(args.steps, args.cfg, args.shift):
         s = flow.sampler_settings(meta, steps, cfg, shift)
-        batches = itertools.count()  # each batch of prompts gets its own noise seed
-
-        def sample_fn(chunk):
-            videos = flow.generate(model, chunk, meta["video_shape"], s, seed=args.seed * SEED_STRIDE + next(batches))
-            if not torch.isfinite(videos).all():
-                raise UserError(f"{args.checkpoint!r} samples nan or inf at steps {steps}, cfg {cfg}: not scored")
-            return videos
-        sample_fn(prompts[:1])  # warm-up, kept out of the timing
+        sample_fn = sampler(model, meta, s, args, args.checkpoint)
+        sample_fn(prompts[:1])  # warm-up, kept out of the timing: it takes call 0's seed, the batches 1, 2, ...
         t0 = time.time()
-        result = evaluate_model(sample_fn, prompts, args.batch_size)
+        videos = sample_all(sample_fn, prompts, args.batch_size)
         per_video = (time.time() - t0) / len(prompts)
+        result = score(videos, prompts)
+        if references is not None:
+            result.update(fidelity(videos, references), reference=args.reference)
         row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"),
                "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
                "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
                f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
-        print_table(row, title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
+        print_table({k: v for k, v in row.items() if not k.endswith("_per_video")},
+                    title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
         if args.json:
             append_line(args.json, json.dumps(row))
+
+
+def sampler(model, meta, settings, args, name, first: int = 0):
+    """-> sample_fn(prompts) -> videos: the model under its sampler settings; the noise of its i-th call (from 0)
+    is seeded args.seed * SEED_STRIDE + first + i, the same for every model, so a reference sees the same noise."""
+    import flow
+    batches = itertools.count(first)
+
+    def sample_fn(chunk):
+        videos = flow.generate(model, chunk, meta["video_shape"], settings, seed=args.seed * SEED_STRIDE + next(batches))
+        if not torch.isfinite(videos).all():
+            raise UserError(f"{name!r} samples nan or inf at steps {settings['steps']}, cfg {settings['cfg']}: "
+                            "not scored")
+        return videos
+    return sample_fn
 
 
 if __name__ == "__main__":

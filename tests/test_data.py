@@ -1,9 +1,11 @@
-"""Tests for data.py and evaluate.py (CPU, a few seconds).
+"""Tests for data.py and evaluate.py (CPU, a few seconds; fidelity against the shipped model: about 10 s).
 
 Run:  cd /work/main && python -m pytest tests/test_data.py -q
 Leaves out: GPU rendering (render is device-agnostic torch; run `python data.py --device cuda` there).
 """
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so plain `pytest
 from data import (COLOURS, DIRECTIONS, SHAPES, MovingShapes, ShardDataset, captions, collate,
                   moving_shapes_batch, positions, render, sample_params, to_uint8, validation_prompts, write_shard)
 from evaluate import evaluate_model, judge, largest_blob, parse_caption, score
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 RED, GREEN = torch.tensor([1.0, -1, -1]), torch.tensor([-1.0, 1, -1])
 
@@ -180,3 +184,59 @@ def test_shards_round_trip(tmp_path):
         ShardDataset(str(tmp_path / "caps"))
     with pytest.raises(ValueError):
         write_shard(str(tmp_path / "bad.safetensors"), lat[0], captions=["only one"])
+
+
+def test_psnr_against_a_known_solution():
+    """A video off its reference by a constant d on the [-1, 1] scale is off by d / 2 on [0, 1]: PSNR
+    = 10 log10(4 / d^2); equal videos are at the cap."""
+    from evaluate import PSNR_CAP, fidelity, psnr
+    videos, _ = moving_shapes_batch(3, 1)
+    for d in (0.1, 0.5):
+        assert psnr((videos + d).clamp(max=10), videos) == pytest.approx(torch.full((3,), 10 * math.log10(4 / d**2)),
+                                                                         rel=1e-5)
+    same = fidelity(videos, videos)
+    assert same["psnr"] == PSNR_CAP and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert len(same["psnr_per_video"]) == 3
+
+
+def _ssim_by_windows(x, y):
+    """SSIM of two [H, W] images in [0, 1], window by window: each valid 11 x 11 window's Gaussian-weighted
+    statistics computed directly in float64 (no convolution), the SSIM map averaged."""
+    g = torch.exp(-(torch.arange(11.0, dtype=torch.float64) - 5) ** 2 / (2 * 1.5**2))
+    w = g[:, None] * g[None, :] / g.sum() ** 2
+    values = []
+    for i in range(x.shape[0] - 10):
+        for j in range(x.shape[1] - 10):
+            a, b = x[i:i + 11, j:j + 11].double(), y[i:i + 11, j:j + 11].double()
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb, cab = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+            values.append((2 * ma * mb + 1e-4) * (2 * cab + 9e-4) / ((ma**2 + mb**2 + 1e-4) * (va + vb + 9e-4)))
+    return torch.stack(values).mean().item()
+
+
+def test_ssim_against_a_window_by_window_computation():
+    from evaluate import ssim
+    g = torch.Generator().manual_seed(0)
+    videos, _ = moving_shapes_batch(1, 2, num_frames=2, size=16)
+    other = (videos + 0.3 * torch.randn(videos.shape, generator=g)).clamp(-1, 1)
+    expected = sum(_ssim_by_windows((other[0, c, t] + 1) / 2, (videos[0, c, t] + 1) / 2)
+                   for c in range(3) for t in range(2)) / 6
+    assert ssim(other, videos).item() == pytest.approx(expected, abs=1e-5)
+    assert 0 < expected < 0.9  # the noise costs structure
+    with pytest.raises(ValueError, match="at least 11 x 11"):
+        ssim(videos[..., :8, :8], videos[..., :8, :8])
+
+
+def test_evaluate_reports_fidelity_against_a_reference_on_the_same_noise(tmp_path):
+    """evaluate.py --reference: the model sampled against itself is identical (same prompts, seeds and noise: PSNR
+    at the cap, SSIM 1); under a sparse plan (no retraining) it drifts from its full-attention self."""
+    import evaluate
+    mlcd = os.path.join(ROOT, "checkpoints", "mlcd.safetensors")
+    out = tmp_path / "rows.jsonl"
+    common = ["--checkpoint", mlcd, "--reference", mlcd, "--n", "3", "--batch-size", "2", "--json", str(out)]
+    evaluate.main(common)
+    evaluate.main(common + ["--plan", os.path.join(ROOT, "configs", "plan-r0.4.yaml")])
+    same, sparse = (json.loads(line) for line in out.read_text().splitlines())
+    assert same["psnr"] == evaluate.PSNR_CAP and same["ssim"] == pytest.approx(1.0, abs=1e-6)
+    assert 5 < sparse["psnr"] < evaluate.PSNR_CAP and 0 < sparse["ssim"] < 1
+    assert len(sparse["psnr_per_video"]) == 3 and sparse["reference"] == mlcd
