@@ -1,6 +1,7 @@
-"""Data: procedural "moving shapes" videos (the demo domain) and safetensors shards (real data).
+"""Data: two built-in procedural domains ("shapes", the demo; "bounce", the harder one; DOMAINS) and
+safetensors shards (real data).
 
-Run:  python data.py [--n 256] [--device cuda] [--gif shapes.gif]   # render a batch, print captions + timing
+Run:  python data.py [--data bounce] [--n 256] [--device cuda] [--gif shapes.gif]   # render, print captions, time
 
 Moving shapes: one object per video (SHAPES x COLOURS x DIRECTIONS = 84 prompts), videos [3, T, H, W]
   in [-1, 1] on a black (-1) background, caption "a {colour} {shape} moving {direction}".
@@ -8,6 +9,12 @@ Moving shapes: one object per video (SHAPES x COLOURS x DIRECTIONS = 84 prompts)
   Seeds: MovingShapes(split="train") draws its batch stream from torch.Generator seeded with `seed`,
   split="val" from `seed + VAL_SEED_OFFSET` (10**9), so the two splits never share a generator seed.
   The first val batch of size n equals moving_shapes_batch(n, seed + 10**9).
+
+Bouncing shapes (`data: bounce`): two objects per video, 32 frames, each moving left/right (or both up/down) at its
+  own constant speed and turning at the walls, so where an object is late in the clip depends on where it started;
+  a grey curtain down the middle hides objects moving left or right while they pass behind it (they come out
+  where and when their motion says). Caption "a {colour} {shape} moving {direction} and a {colour} {shape}
+  moving {direction}" (the directions at frame 0; the two colours differ). evaluate.score_bounce judges it.
 
 Shard format: a folder of shard-00000.safetensors, shard-00001.safetensors, ... each holding
   tensors   latents   [n, C, T, H, W]   (any dtype)
@@ -28,6 +35,8 @@ Leaves out: decoding/VAE-encoding real footage into shards, augmentation, DataLo
 import glob
 import json
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -88,12 +97,11 @@ def positions(params, num_frames=16):
     return start[:, None] + step[:, None] * distance[:, None, None] * t[None, :, None]
 
 
-def render(params, num_frames=16, size=32, device=None):
-    """Draw all videos at once: [n, 3, T, H, W] float32 in [-1, 1]."""
-    device = device if device is not None else params["start"].device
-    p = {k: v.to(device) for k, v in params.items()}
-    pos = positions(p, num_frames)  # [n, T, 2]
-    s = p["size"][:, None, None, None]  # [n, 1, 1, 1]
+def shape_masks(shape, side, pos, size=32):
+    """Each video's object as a bool mask [n, T, H, W]: shape [n] (index into SHAPES), side [n] and pos [n, T, 2]
+    (its bbox top-left corner per frame) in fractions of the frame side, on pos's device."""
+    device = pos.device
+    s = side.to(device)[:, None, None, None]  # [n, 1, 1, 1]
     c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size  # pixel centres
     dx = c[None, None, None, :] - pos[..., 0, None, None]  # [n, T, 1, W] from the bbox left edge
     dy = c[None, None, :, None] - pos[..., 1, None, None]  # [n, T, H, 1] from the bbox top edge
@@ -103,10 +111,18 @@ def render(params, num_frames=16, size=32, device=None):
         "square": in_x & in_y,
         "triangle": in_y & ((dx - s / 2).abs() <= dy / 2),  # apex at top centre, base = bottom edge
     }
-    kind = p["shape"][:, None, None, None]
-    mask = torch.zeros(len(kind), num_frames, size, size, dtype=torch.bool, device=device)
+    kind = shape.to(device)[:, None, None, None]
+    mask = torch.zeros(len(kind), pos.shape[1], size, size, dtype=torch.bool, device=device)
     for i, name in enumerate(SHAPES):
         mask |= (kind == i) & masks[name]  # [n, T, H, W]
+    return mask
+
+
+def render(params, num_frames=16, size=32, device=None):
+    """Draw all videos at once: [n, 3, T, H, W] float32 in [-1, 1]."""
+    device = device if device is not None else params["start"].device
+    p = {k: v.to(device) for k, v in params.items()}
+    mask = shape_masks(p["shape"], p["size"], positions(p, num_frames), size)
     rgb = colour_table(device)[p["colour"]]  # [n, 3]
     return torch.where(mask[:, None], rgb[:, :, None, None, None], torch.tensor(-1.0, device=device))
 
@@ -157,6 +173,135 @@ def validation_prompts(n=64, seed=0):
     shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]
     dirs = [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)]
     return [f"a {cols[i % 7]} {shps[i % 3]} moving {dirs[i % 4]}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- bouncing shapes (the harder domain)
+
+BOUNCE_FRAMES = 32
+BOUNCE_CAPTION_FORM = "a {colour} {shape} moving {direction} and a {colour2} {shape2} moving {direction2}"
+BOUNCE_VOCABULARY = sorted({*VOCABULARY, "and"})
+CURTAIN = (0.40625, 0.59375)  # the grey band in front of both objects: x from, to (6 of 32 columns)
+LEAD_FRAMES = 3  # an object moves this many frames the captioned way before it first turns
+CURTAIN_GAP = 0.05  # an object moving up or down keeps this far from the curtain (1.6 pixels at 32)
+CURTAIN_GREY = -0.5  # its value on every channel ([-1, 1]): not bright, so the judge never takes it for an object
+
+
+def bounce_params(n, generator):
+    """Random two-object videos: a dict of CPU tensors, [n, 2] each (object 0 drawn first, object 1 over it).
+    shape/colour/direction: indices into SHAPES / COLOURS / DIRECTIONS, the two colours distinct, both directions
+    on one axis (so the objects' lanes never cross); size
+    U(0.19, 0.25) of the side; speed U(0.03, 0.05) of the side per frame (every object reaches a wall and turns);
+    along: the bbox corner on the motion axis at frame 0, in [0, 1 - size] at least LEAD_FRAMES frames of motion
+    from the wall it moves toward (so frame 0 shows which way it goes); across: on the other axis, in the
+    object's lane (object 0 in the top half or left of the curtain, object 1 in the bottom half or right of it:
+    objects moving up or down are never behind the curtain, objects moving left or right cross it)."""
+    g = _generator(generator)
+    u = lambda: torch.rand(n, 2, generator=g)  # noqa: E731
+    colour = torch.stack([torch.randperm(len(COLOURS), generator=g)[:2] for _ in range(n)])
+    shape = torch.randint(len(SHAPES), (n, 2), generator=g)
+    axis = 2 * torch.randint(2, (n, 1), generator=g)  # 0: both move left or right, 2: both up or down
+    direction = axis + torch.randint(2, (n, 2), generator=g)
+    size, speed, along = 0.19 + 0.06 * u(), 0.03 + 0.02 * u(), u()
+    lead = LEAD_FRAMES * speed  # room to move the captioned way before the first wall
+    toward_end = (direction == 1) | (direction == 3)  # right, down
+    along = torch.where(toward_end, 0, lead) + (1 - size - lead) * along
+    horizontal = direction < 2  # left, right
+    gap = CURTAIN_GAP
+    lane_low = torch.where(horizontal, torch.tensor([0.0, 0.5]), torch.tensor([0.0, CURTAIN[1] + gap]))
+    lane_high = torch.where(horizontal, torch.tensor([0.5, 1.0]), torch.tensor([CURTAIN[0] - gap, 1.0])) - size
+    across = lane_low + (lane_high - lane_low) * u()
+    return dict(shape=shape, colour=colour, direction=direction, size=size, speed=speed, along=along,
+                across=across)
+
+
+def bounce_path(start, velocity, span, t):
+    """Positions of a point moving from `start` at `velocity` per frame inside [0, span], reflected at both ends:
+    start, velocity, span [...] and t [T] -> [..., T]."""
+    u = start[..., None] + velocity[..., None] * t  # the unfolded path
+    m = torch.remainder(u, 2 * span[..., None])
+    return torch.where(m <= span[..., None], m, 2 * span[..., None] - m)
+
+
+def bounce_positions(params, num_frames=BOUNCE_FRAMES):
+    """[n, 2, T, 2] (x, y) bbox top-left corner of each object per frame, fractions of the frame side."""
+    step = torch.tensor(_STEPS, dtype=torch.float32)[params["direction"]]  # [n, 2, 2]
+    horizontal = step[..., 0] != 0  # [n, 2]
+    sign = step.sum(-1)  # +1 right/down, -1 left/up
+    t = torch.arange(num_frames, dtype=torch.float32)
+    moving = bounce_path(params["along"], sign * params["speed"], 1 - params["size"], t)  # [n, 2, T]
+    fixed = params["across"][..., None].expand_as(moving)
+    return torch.stack([torch.where(horizontal[..., None], moving, fixed),
+                        torch.where(horizontal[..., None], fixed, moving)], -1)
+
+
+def render_bounce(params, num_frames=BOUNCE_FRAMES, size=32, device=None):
+    """Draw all videos: object 0, object 1 over it, then the curtain over both. -> [n, 3, T, H, W] in [-1, 1]."""
+    device = device if device is not None else "cpu"
+    pos = bounce_positions(params, num_frames)
+    video = torch.full((len(pos), 3, num_frames, size, size), -1.0, device=device)
+    for i in range(2):
+        mask = shape_masks(params["shape"][:, i], params["size"][:, i], pos[:, i].to(device), size)  # [n, T, H, W]
+        rgb = colour_table(device)[params["colour"][:, i].to(device)]
+        video = torch.where(mask[:, None], rgb[:, :, None, None, None], video)
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    curtain = (c >= CURTAIN[0]) & (c <= CURTAIN[1])
+    video[..., curtain] = CURTAIN_GREY
+    return video
+
+
+def bounce_captions(params):
+    names = list(COLOURS)
+    return [BOUNCE_CAPTION_FORM.format(colour=names[c[0]], shape=SHAPES[s[0]], direction=DIRECTIONS[d[0]],
+                                       colour2=names[c[1]], shape2=SHAPES[s[1]], direction2=DIRECTIONS[d[1]])
+            for c, s, d in zip(params["colour"].tolist(), params["shape"].tolist(), params["direction"].tolist())]
+
+
+def bounce_batch(n, seed_or_generator, num_frames=BOUNCE_FRAMES, size=32, device=None):
+    """(videos [n, 3, T, H, W] in [-1, 1], captions) of bouncing shapes; deterministic given the seed."""
+    params = bounce_params(n, _generator(seed_or_generator))
+    return render_bounce(params, num_frames, size, device), bounce_captions(params)
+
+
+def bounce_validation_prompts(n=64, seed=0):
+    """Fixed prompt list: object 0 as validation_prompts' prompt i; object 1 with colour i + 1 + (i // 7) % 6
+    (never object 0's), shape i // 3 (mod 3) of the same shuffled labels, and a direction on object 0's axis, the
+    same or the opposite (i // 4 even or odd)."""
+    g = torch.Generator().manual_seed(seed)
+    cols = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)]
+    shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]
+    dirs = [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)]
+    second = lambda d, i: DIRECTIONS[DIRECTIONS.index(d) // 2 * 2 + i // 4 % 2]  # noqa: E731 - on d's axis
+    return [BOUNCE_CAPTION_FORM.format(colour=cols[i % 7], shape=shps[i % 3], direction=dirs[i % 4],
+                                       colour2=cols[(i + 1 + (i // 7) % 6) % 7], shape2=shps[(i // 3) % 3],
+                                       direction2=second(dirs[i % 4], i)) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the built-in domains
+
+@dataclass(frozen=True)
+class Domain:
+    """A built-in procedural video domain, as a training config's `data:` names it: how it draws videos and
+    captions, every word its captions use (checkpoints carry it, sample.py checks prompts against it), its fixed
+    validation prompts (evaluate.py, the mask search) and its video size. evaluate.SCORES holds its judge."""
+    batch: Callable  # (n, seed or generator, num_frames, size) -> (videos [n, 3, T, H, W] in [-1, 1], captions)
+    vocabulary: list
+    prompts: Callable  # (n, seed) -> n validation prompts
+    num_frames: int
+    longest_caption: str  # its longest caption (a model's byte encoder must read it whole)
+    size: int = 32
+
+
+DOMAINS = {
+    "shapes": Domain(moving_shapes_batch, VOCABULARY, validation_prompts, 16,  # the demo: one object
+                     "a magenta triangle moving right"),
+    "bounce": Domain(bounce_batch, BOUNCE_VOCABULARY, bounce_validation_prompts, BOUNCE_FRAMES,  # the harder one
+                     "a magenta triangle moving right and a yellow triangle moving right"),
+}
+
+
+def checkpoint_domain(meta: dict) -> str:
+    """The built-in domain a checkpoint was trained on (checkpoints before the second domain: shapes)."""
+    return meta.get("domain", "shapes")
 
 
 # ----------------------------------------------------------------------------- safetensors shards
@@ -319,10 +464,10 @@ class SyntheticLatents(torch.utils.data.Dataset):
 
 
 def open_dataset(data: str, synthetic_shape, model_cfg):
-    """A training config's `data` as a dataset for a model of model_cfg: None for "shapes" (rendered on the fly),
-    SyntheticLatents for "synthetic", otherwise the ShardDataset of that folder, checked to hold what the model
-    reads (model.ModelConfig.reads_captions: captions, or text_emb)."""
-    if data == "shapes":
+    """A training config's `data` as a dataset for a model of model_cfg: None for a built-in domain (DOMAINS,
+    rendered on the fly), SyntheticLatents for "synthetic", otherwise the ShardDataset of that folder, checked to
+    hold what the model reads (model.ModelConfig.reads_captions: captions, or text_emb)."""
+    if data in DOMAINS:
         return None
     dataset = SyntheticLatents(synthetic_shape, model_cfg.text_dim) if data == "synthetic" else ShardDataset(data)
     need = "caption" if model_cfg.reads_captions else "text_emb"
@@ -383,6 +528,7 @@ def save_mp4(images, path: str, fps: int):
 def main(argv=None):
     import time
     ap = ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="shapes", choices=list(DOMAINS), help="the built-in domain")
     ap.add_argument("--n", type=positive_int, default=256)
     ap.add_argument("--seed", type=seed_int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -392,9 +538,10 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.gif:
         check_output_path(args.gif, {".gif"})
-    moving_shapes_batch(8, 0, device=device)  # warm-up
+    domain = DOMAINS[args.data]
+    domain.batch(8, 0, domain.num_frames, domain.size, device=device)  # warm-up
     t0 = time.time()
-    videos, caps = moving_shapes_batch(args.n, args.seed, device=device)
+    videos, caps = domain.batch(args.n, args.seed, domain.num_frames, domain.size, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(f"rendered {tuple(videos.shape)} on {device} in {1000 * (time.time() - t0):.1f} ms")

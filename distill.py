@@ -38,7 +38,7 @@ import flow
 import parallel
 from attention import FULL, density, entry_num_ref, frame_mask, mask_label, save_plan, tile_attention
 from cli import UserError, atomic_output
-from data import collate, open_dataset, to_image, validation_prompts
+from data import DOMAINS, checkpoint_domain, collate, open_dataset, to_image
 from model import load_model
 
 CALIBRATION_SEED = 10_000  # noise seeds of the stage-2 calibration samples: 10_000, 10_001, ...
@@ -163,7 +163,7 @@ def calibration_embeddings(cfg, model):
     """The calibration conditions of a model that reads precomputed text embeddings: those of the first
     cfg.search_prompts items of cfg.data (a shard folder, or `synthetic`). -> ((text_emb, text_mask), the data's
     empty-caption embedding or None)"""
-    if cfg.data == "shapes":
+    if cfg.data in DOMAINS:
         raise UserError("this model reads precomputed text embeddings: give stage 2 `data:` a folder of shards "
                         "with text_emb (or `synthetic` to measure speed) to calibrate on")
     dataset = open_dataset(cfg.data, cfg.synthetic_shape, model.cfg)
@@ -181,7 +181,7 @@ def mask_search(cfg, device, is_main: bool = True) -> list[dict]:
     T = meta["video_shape"][1] // model.cfg.patch_size[0]
     candidates = sorted(cfg.search_candidates) or list(range(1, T))
     probe = AttentionProbe(candidates, model.cfg.depth, T)
-    prompts, null = (validation_prompts(cfg.search_prompts, seed=cfg.seed + 1), None) \
+    prompts, null = (DOMAINS[checkpoint_domain(meta)].prompts(cfg.search_prompts, seed=cfg.seed + 1), None) \
         if model.cfg.reads_captions else calibration_embeddings(cfg, model)  # (evaluation's prompts: seed 0)
     sampler = flow.sampler_settings(meta)
     start = time.time()

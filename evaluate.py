@@ -1,23 +1,28 @@
-"""Prompt-following score for the moving-shapes domain, judged from pixels only (no model, no learned metric).
+"""Prompt-following scores for the built-in domains, judged from pixels only (no model, no learned metric), and
+fidelity (PSNR, SSIM) against a reference model sampled on the same noise.
 
-Run:  python evaluate.py --dataset [--n 64] [--seed 0]   # scores ground-truth validation videos (ceiling, ~1.0)
+Run:  python evaluate.py --dataset [--data bounce] [--n 64] [--seed 0]   # scores ground-truth videos (1.000)
 From code: evaluate_model(sample_fn, prompts, batch_size), sample_fn(list[str]) -> [n, 3, T, H, W] in [-1, 1].
 
-Judge, per frame: object = largest 8-connected blob of bright pixels (max channel > 0 on the [-1, 1] scale);
-  colour = nearest of the 7 COLOURS to its mean RGB; shape: triangle if the centroid sits low in the bbox
-  (upward triangle ~0.65 of the height vs 0.5), else square if fill ratio area / bbox area > 0.9 and >= 3
-  bbox corners are lit (rasterised circles: fill 0.6-0.94, no lit corner), else circle;
-  colour and shape are majority votes over non-empty frames. Direction = dominant axis and sign of the
-  centroid shift from the first to the last non-empty frame (y grows downwards, so "up" is y decreasing),
-  None if that shift is under MIN_SHIFT of the frame side. area_spread = std / mean of blob area over frames.
+Moving shapes (score), per frame: object = largest 8-connected blob of bright pixels (max channel > 0 on the
+  [-1, 1] scale); colour = nearest of the 7 COLOURS to its mean RGB; shape: triangle if the centroid sits low in
+  the bbox (upward triangle ~0.65 of the height vs 0.5), else square if fill ratio area / bbox area > 0.9 and
+  >= 3 bbox corners are lit (rasterised circles: fill 0.6-0.94, no lit corner), else circle; colour and shape are
+  majority votes over non-empty frames. Direction = dominant axis and sign of the centroid shift from the first
+  to the last non-empty frame (y grows downwards, so "up" is y decreasing), None if that shift is under MIN_SHIFT
+  of the frame side. area_spread = std / mean of blob area over frames.
+Bouncing shapes (score_bounce): each captioned object found by its colour; shape, initial direction and its
+  bouncing path judged on the frames where it is seen whole (judge_bounce).
 Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--shift 1 3]
-                          [--plan P.yaml] [--json out.json]
-  scores a model (optionally under a stage-2 mask plan) on the fixed validation prompts: one row per
-  (steps, cfg, shift) setting, with forward passes and seconds per video on the device used.
-Leaves out: FVD / CLIP-style metrics, multi-object scenes, motion smoothness beyond area_spread.
+                          [--plan P.yaml] [--reference R.safetensors] [--json out.json]
+  scores a model (optionally under a stage-2 mask plan) on its domain's fixed validation prompts: one row per
+  (steps, cfg, shift) setting, with forward passes and seconds per video on the device used; with --reference,
+  PSNR and SSIM of its videos against the reference's on the same prompts, seeds and noise.
+Leaves out: FVD / CLIP-style metrics, motion smoothness beyond area_spread.
 """
 import itertools
 import json
+import math
 import os
 import re
 import time
@@ -27,7 +32,8 @@ import torch.nn.functional as F
 
 from cli import (ArgumentParser, UserError, WriteError, check_output_path, entry_point, non_negative_float,
                  positive_int, seed_int)
-from data import COLOURS, DIRECTIONS, SHAPES, MovingShapes, colour_table, validation_prompts
+from data import (COLOURS, CURTAIN, DIRECTIONS, DOMAINS, SHAPES, VAL_SEED_OFFSET, bounce_path, checkpoint_domain,
+                  colour_table)
 
 ATTRS = ("colour", "shape", "direction")
 MIN_SHIFT = 0.125  # smallest centroid shift (fraction of the frame side) that counts as a direction
@@ -130,6 +136,108 @@ def score(videos, prompts):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The bouncing-shapes judge: two objects, each found by its captioned colour
+
+BOUNCE_ATTRS = ("colour", "shape", "direction", "bounce")
+MIN_AREA = 6  # pixels: smaller blobs of a colour are noise, not an object
+WHOLE = 0.7  # an object is seen whole where its area is this share of its largest (small shapes' areas vary)
+MIN_CLEAN = 4  # frames in which an object must be seen whole for its shape and path to be judged
+BOUNCE_TOLERANCE = 0.05  # mean distance (fraction of the side) from the best bouncing path that still passes
+_SPEEDS = torch.arange(0.02, 0.0601, 0.0005)  # speeds (side per frame) the judge's path fit tries
+
+
+def parse_bounce_caption(text):
+    """'a red circle moving left and a blue square moving up' -> two dicts as parse_caption's (None where
+    absent)."""
+    halves = re.split(r"\band\b", text.lower(), maxsplit=1) + [""]
+    return [parse_caption(half) for half in halves[:2]]
+
+
+def _object_frames(video, colour: str):
+    """The largest blob of one colour per frame: bright pixels (max channel > 0) nearest that colour ->
+    [T, H, W] bool."""
+    v = video.float()
+    bright = v.amax(0) > 0  # [T, H, W]
+    nearest = torch.cdist(v.permute(1, 2, 3, 0).reshape(-1, 3), colour_table()).argmin(1).view(bright.shape)
+    return largest_blob(bright & (nearest == list(COLOURS).index(colour)))
+
+
+def _best_path_error(coord, frames, size, sign):
+    """The smallest mean distance of measured positions coord [F] at frames [F] from a bouncing path of the given
+    sign (+1, -1) inside [0, 1 - size], over every start in [0, 1 - size] and every speed in _SPEEDS."""
+    span = torch.tensor(max(1 - size, 1e-3))
+    starts = torch.linspace(0, 1, 129) * span
+    s, v = torch.meshgrid(starts, sign * _SPEEDS, indexing="ij")
+    paths = bounce_path(s, v, span.expand_as(s), frames.float())  # [starts, speeds, F]
+    return (paths - coord).abs().mean(-1).min().item()
+
+
+def judge_bounce(video, prompt):
+    """video [3, T, H, W] in [-1, 1] and its caption -> per object (in caption order) dict(colour, shape,
+    direction, bounce: bool). colour: an object of the captioned colour is seen (>= MIN_AREA pixels) in a quarter
+    of the frames or more; the rest is judged on its clean frames (seen whole: clear of the curtain, at least WHOLE
+    of its largest area there): shape by the single-object judge's majority vote; bounce: its bbox corner along the
+    captioned axis stays within BOUNCE_TOLERANCE (mean) of a path bouncing between the walls at a constant speed
+    and its other coordinate within BOUNCE_TOLERANCE of constant; direction: it moves along the captioned axis, and
+    a path that starts the captioned way fits it within BOUNCE_TOLERANCE or at least as well as one that starts
+    the other way (a few clean frames after a turn may fit both)."""
+    _, T, H, W = video.shape
+    results = []
+    for want in parse_bounce_caption(prompt):
+        got = dict.fromkeys(BOUNCE_ATTRS, False)
+        results.append(got)
+        if want["colour"] is None:
+            continue
+        obj = _object_frames(video, want["colour"])
+        area = obj.flatten(1).sum(1)
+        seen = area >= MIN_AREA
+        got["colour"] = bool(seen.float().mean() >= 0.25)
+        if not got["colour"]:
+            continue
+        top, bottom = _bbox(obj.any(2))
+        left, right = _bbox(obj.any(1))
+        c0, c1 = int(CURTAIN[0] * W), int(math.ceil(CURTAIN[1] * W))  # curtain columns [c0, c1)
+        clear = (right < c0 - 1) | (left > c1)
+        largest = area[seen & clear].max() if (seen & clear).any() else 0
+        clean = seen & clear & (area >= WHOLE * largest)
+        if clean.sum() < MIN_CLEAN:
+            continue
+        alone = torch.where((obj & clean[:, None, None])[None], video, -1.0)  # this object, its clean frames
+        got["shape"] = judge(alone)["shape"] == want["shape"]
+        frames = clean.nonzero()[:, 0]
+        horizontal = want["direction"] in ("left", "right")
+        along = (left if horizontal else top)[frames].float() / (W if horizontal else H)
+        across = (top if horizontal else left)[frames].float() / (H if horizontal else W)
+        size = ((right - left) if horizontal else (bottom - top))[frames].float().median().item() + 1
+        size /= W if horizontal else H
+        sign = 1.0 if want["direction"] in ("right", "down") else -1.0
+        fit, flipped = (_best_path_error(along, frames, size, s) for s in (sign, -sign))
+        still = (across - across.median()).abs().mean().item() < BOUNCE_TOLERANCE
+        got["bounce"] = fit < BOUNCE_TOLERANCE and still
+        moved_along = along.max() - along.min() > across.max() - across.min()
+        got["direction"] = bool(moved_along) and (fit <= flipped or fit < BOUNCE_TOLERANCE)
+    return results
+
+
+def score_bounce(videos, prompts):
+    """videos [n, 3, T, H, W] vs two-object prompts -> per-attribute accuracy over the 2n objects, overall (every
+    attribute of both objects right) over the n videos, n."""
+    hits = dict.fromkeys(BOUNCE_ATTRS, 0)
+    overall = 0
+    for video, prompt in zip(videos, prompts, strict=True):
+        objects = judge_bounce(video, prompt)
+        for got in objects:
+            for k in BOUNCE_ATTRS:
+                hits[k] += got[k]
+        overall += all(all(got.values()) for got in objects)
+    n = len(prompts)
+    return {**{k: hits[k] / max(2 * n, 1) for k in BOUNCE_ATTRS}, "overall": overall / max(n, 1), "n": n}
+
+
+SCORES = {"shapes": score, "bounce": score_bounce}  # each built-in domain's judge (data.DOMAINS)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Fidelity: a model's videos against a reference model's on the same prompts, seeds and noise
 
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. (2004): an 11 x 11 Gaussian window, sigma 1.5, valid positions
@@ -174,7 +282,8 @@ PSNR_CAP = 100.0  # dB: where a video equals its reference (MSE 0)
 
 @torch.no_grad()
 def sample_all(sample_fn, prompts, batch_size=16):
-    """Call sample_fn on prompts in chunks of batch_size (chunk i is sample_fn's i-th call) -> videos on the CPU."""
+    """Call sample_fn on prompts in chunks of batch_size (chunk i is sample_fn's i-th call) -> videos on the
+    CPU."""
     prompts = list(prompts)
     videos = []
     for i in range(0, len(prompts), batch_size):
@@ -202,9 +311,9 @@ def print_table(result, title=None):
 
 @entry_point
 def main(argv=None):
-    ap = ArgumentParser(description="prompt-following score for moving-shapes videos")
+    ap = ArgumentParser(description="prompt-following score (and fidelity) for the built-in domains")
     source = ap.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", action="store_true", help="score ground-truth validation-split videos")
+    source.add_argument("--dataset", action="store_true", help="score ground-truth videos of --data")
     source.add_argument("--checkpoint", help="score a model's samples of the validation prompts")
     ap.add_argument("--steps", type=positive_int, nargs="*", default=[None], help="sampling steps (default: checkpoint's)")
     ap.add_argument("--cfg", type=non_negative_float, nargs="*", default=[None], help="guidance scales (default: checkpoint's)")
@@ -219,15 +328,19 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
     ap.add_argument("--n", type=positive_int, default=64, help="number of videos")
     ap.add_argument("--seed", type=seed_int, default=0)
-    ap.add_argument("--num-frames", type=positive_int, default=16)
+    ap.add_argument("--data", default="shapes", choices=list(DOMAINS), help="--dataset: the built-in domain")
+    ap.add_argument("--num-frames", type=positive_int, default=None,
+                    help="--dataset: frames (default: the domain's)")
     ap.add_argument("--size", type=positive_int, default=32)
     args = ap.parse_args(argv)
     if args.json:
         check_output_path(args.json)
     if args.dataset:
-        data = MovingShapes(args.n, seed=args.seed, split="val", num_frames=args.num_frames, size=args.size)
-        videos, prompts = next(iter(data))
-        print_table(score(videos, prompts), title=f"ground-truth validation videos (seed {args.seed})")
+        domain = DOMAINS[args.data]
+        videos, prompts = domain.batch(args.n, args.seed + VAL_SEED_OFFSET, args.num_frames or domain.num_frames,
+                                       args.size)
+        print_table(SCORES[args.data](videos, prompts),
+                    title=f"ground-truth {args.data} videos (seed {args.seed})")
         return
     evaluate_checkpoint(args)
 
@@ -268,7 +381,8 @@ def evaluate_checkpoint(args):
     model, meta = load_model(args.checkpoint, device)
     if plan is not None:
         model.set_mask_plan(plan)
-    prompts = validation_prompts(args.n, args.seed)
+    domain = checkpoint_domain(meta)
+    prompts = DOMAINS[domain].prompts(args.n, args.seed)
     references = None
     if args.reference:
         reference, ref_meta = load_model(args.reference, device)
@@ -285,7 +399,7 @@ def evaluate_checkpoint(args):
         t0 = time.time()
         videos = sample_all(sample_fn, prompts, args.batch_size)
         per_video = (time.time() - t0) / len(prompts)
-        result = score(videos, prompts)
+        result = SCORES[domain](videos, prompts)
         if references is not None:
             result.update(fidelity(videos, references), reference=args.reference)
         row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"),

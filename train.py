@@ -17,9 +17,10 @@ with FSDP2 (bf16 weights in compute, fp32 gradient reduction and master weights)
 sample's tokens (Ulysses, parallel.py); `activation_checkpointing` recomputes each block in the backward. The
 frozen teacher of stages 1 and 3 is kept whole in bf16 on every rank.
 
-Data: `data: shapes` renders the built-in moving-shapes videos on the fly; any other value is a folder of
-safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py), evaluation
-(evaluate.py), the distillation objectives of later stages (distill.py), the run folder (checkpoint.py).
+Data: `data: shapes` (or `bounce`, the harder built-in domain) renders videos on the fly; any other value is a
+folder of safetensors shards of latents (data.py documents the format). Leaves out: sampling (sample.py),
+evaluation (evaluate.py), the distillation objectives of later stages (distill.py), the run folder
+(checkpoint.py).
 """
 import copy
 import hashlib
@@ -43,7 +44,7 @@ import flow
 import parallel
 from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
-from data import (NULL_FILE, VOCABULARY, check_shard_headers, collate, moving_shapes_batch, open_dataset,
+from data import (DOMAINS, NULL_FILE, check_shard_headers, collate, open_dataset,
                   shard_paths)
 from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, config_dict, load_model, model_config, num_params,
                    read_metadata)
@@ -69,10 +70,10 @@ class TrainConfig:
     model: str = "demo"                  # preset in model.py
     model_args: dict = field(default_factory=dict)  # overrides of the preset, e.g. {depth: 4}
     init: str = ""                       # weights to start from (later stages); empty = random init
-    data: str = "shapes"                 # "shapes", a folder of safetensors shards, or "synthetic" (speed)
+    data: str = "shapes"                 # "shapes", "bounce" (data.DOMAINS), a shard folder, or "synthetic"
     synthetic_shape: list = field(default_factory=lambda: [4, 8, 90, 160])  # data: synthetic: [C, T, H, W]
-    num_frames: int = 16                 # shapes data only
-    size: int = 32                       # shapes data only
+    num_frames: int = 16                 # built-in domains only (bounce: 32)
+    size: int = 32                       # built-in domains only
     batch_size: int = 64                 # global, split over data-parallel ranks
     micro_batch: int = 0                 # samples per forward/backward, gradients summed over the batch;
                                          # 0: the whole local batch on a GPU, CPU_MICRO_BATCH on a CPU
@@ -294,19 +295,24 @@ def check_inputs(cfg: TrainConfig):
     pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
     uses_null = cfg.caption_dropout > 0 or (stage.guided_teacher and cfg.mlcd_teacher_cfg != 1)
     null_file = os.path.join(cfg.data, NULL_FILE)
-    if pretrained and uses_null and cfg.data != "shapes" and not os.path.isfile(null_file):
+    if pretrained and uses_null and cfg.data not in DOMAINS and not os.path.isfile(null_file):
         raise UserError(f"{pretrained[0]!r} is a pretrained model: its empty caption is its text encoder's "
                         f"embedding, not a zero token, and caption dropout or guidance needs it as "
                         f"{null_file} (python wan.py embed --pipeline PIPELINE --prompt '' --out ...)")
-    heads = read_metadata(cfg.init)["model_config"]["heads"] if cfg.init else \
-        model_config(cfg.model, **cfg.model_args).heads
+    arch = read_metadata(cfg.init)["model_config"] if cfg.init else \
+        asdict(model_config(cfg.model, **cfg.model_args))
+    heads = arch["heads"]
+    if cfg.data in DOMAINS and arch.get("text_encoder") == "bytes" and \
+            arch["text_len"] - 1 < (longest := len(DOMAINS[cfg.data].longest_caption)):
+        raise UserError(f"data: {cfg.data}'s captions run to {longest} bytes, this model reads "
+                        f"{arch['text_len'] - 1}: set model_args: {{text_len: {longest + 1}}} or more")
     parallel.check_heads(heads, cfg.sp_size)
     if stage.uses("kd_plan"):
         load_plan(cfg.kd_plan)
-    if cfg.data not in ("shapes", "synthetic"):
+    if cfg.data not in (*DOMAINS, "synthetic"):
         if not os.path.isdir(cfg.data):
-            raise UserError(f"data: {cfg.data!r} is not a folder; use 'shapes', 'synthetic' or a folder of "
-                            "safetensors shards")
+            raise UserError(f"data: {cfg.data!r} is not a folder; use {', '.join(map(repr, DOMAINS))}, "
+                            "'synthetic' or a folder of safetensors shards")
         check_shard_headers(shard_paths(cfg.data))
     parallel.pick_device(cfg.device or None)
 
@@ -334,7 +340,7 @@ def get_batch(cfg, model, dataset, step, first, n, device):
     for index in range(first, first + n):
         g = sample_generator(cfg, step, index, "cpu", DATA)
         if dataset is None:
-            video, caption = moving_shapes_batch(1, g, cfg.num_frames, cfg.size)
+            video, caption = DOMAINS[cfg.data].batch(1, g, cfg.num_frames, cfg.size)
             item = {"video": video[0], "caption": caption[0]}
         else:
             item = dataset[int(torch.randint(len(dataset), (1,), generator=g))]
@@ -487,8 +493,8 @@ def checkpoint_meta(cfg, video_shape, init_meta):
             "sampler": STAGES[cfg.stage].sampler(cfg, init_meta)}
     if "fps" in init_meta:
         meta["fps"] = init_meta["fps"]
-    if cfg.data == "shapes":
-        meta["vocabulary"] = VOCABULARY
+    if cfg.data in DOMAINS:
+        meta.update(domain=cfg.data, vocabulary=DOMAINS[cfg.data].vocabulary)
     return meta
 
 
@@ -502,7 +508,7 @@ class Parts:
     ema: DiT
     wrapped: torch.nn.Module  # the model as the objective calls it: in DDP (torchrun without fsdp), or as is
     opt: torch.optim.Optimizer
-    dataset: object  # None: the built-in shapes, rendered per sample
+    dataset: object  # None: a built-in domain, rendered per sample
     null_text: tuple | None  # the data's empty-caption embedding (data.py's null.safetensors)
     local_batch: int  # this data-parallel group's share of batch_size
     micro_batch: int

@@ -240,3 +240,40 @@ def test_evaluate_reports_fidelity_against_a_reference_on_the_same_noise(tmp_pat
     assert same["psnr"] == evaluate.PSNR_CAP and same["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert 5 < sparse["psnr"] < evaluate.PSNR_CAP and 0 < sparse["ssim"] < 1
     assert len(sparse["psnr_per_video"]) == 3 and sparse["reference"] == mlcd
+
+
+def test_bounce_paths_turn_at_the_walls():
+    """bounce_path against a step-by-step simulation: move, and where the object passes a wall, mirror it back."""
+    from data import bounce_path
+    g = torch.Generator().manual_seed(0)
+    start, speed = torch.rand(50, generator=g) * 0.7, 0.02 + torch.rand(50, generator=g) * 0.1
+    span = torch.full((50,), 0.7)
+    speed = torch.where(torch.rand(50, generator=g) < 0.5, speed, -speed)
+    path = bounce_path(start, speed, span, torch.arange(40.0))
+    x, v = start.double().clone(), speed.double().clone()
+    for t in range(40):
+        assert torch.allclose(path[:, t].double(), x, atol=1e-5)
+        x = x + v
+        over, under = x > 0.7, x < 0
+        x = torch.where(over, 1.4 - x, torch.where(under, -x, x))
+        v = torch.where(over | under, -v, v)
+
+
+def test_the_bounce_judge_scores_ground_truth_at_one_and_broken_time_near_chance():
+    """Rendered bouncing shapes score 1.000 on every attribute; the same videos with their frames shuffled or
+    frozen at frame 0 score 0 overall (colour and shape are per-frame facts, what breaks is the motion), and
+    another video's captions score near chance."""
+    from data import DOMAINS, bounce_batch, bounce_validation_prompts
+    from evaluate import score_bounce
+    videos, prompts = bounce_batch(96, 3)
+    assert score_bounce(videos, prompts) == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "bounce": 1.0,
+                                             "overall": 1.0, "n": 96}
+    g = torch.Generator().manual_seed(0)
+    shuffled = torch.stack([v[:, torch.randperm(v.shape[1], generator=g)] for v in videos])
+    for broken in (shuffled, videos[:, :, :1].expand_as(videos)):
+        result = score_bounce(broken, prompts)
+        assert result["overall"] < 0.05 and result["bounce"] < 0.05, result
+    assert score_bounce(videos, prompts[1:] + prompts[:1])["overall"] < 0.05
+    longest = len(DOMAINS["bounce"].longest_caption)
+    assert max(len(p) for p in prompts + bounce_validation_prompts(420)) <= longest
+    assert len({p.split(" and ")[1].split()[1] for p in bounce_validation_prompts(84)}) == 7  # every colour second

@@ -471,3 +471,47 @@ def test_a_key_under_both_its_names_is_refused_and_an_override_wins_under_either
         train.make_config({"stage": 3, "init": "x", "plan": "a.yaml", "kd_plan": "b.yaml"})
     s3 = os.path.join(ROOT, "configs", "stage3.yaml")  # it sets kd_plan
     assert train.load_config(s3, ["plan=mine.yaml"]).kd_plan == "mine.yaml"
+
+
+def test_the_bounce_domain_through_training_export_evaluation_and_the_search(tmp_path, capsys):
+    """data: bounce runs the same code paths as the demo domain: stage 0 on its videos, a checkpoint that names
+    the domain and its vocabulary, evaluate.py scoring it with the two-object judge on its prompts, and the mask
+    search calibrating on its prompts (a tiny model, 8 frames, a few steps: the paths, not a model)."""
+    import dataclasses
+    import json
+
+    import data
+    import evaluate
+    from data import BOUNCE_VOCABULARY, bounce_validation_prompts
+    from model import read_metadata
+    small = ["model=tiny", "num_frames=8", "batch_size=2", "steps=2", "log_every=1", "warmup=1"]
+    run = train.load_config(os.path.join(ROOT, "configs", "bounce", "stage0.yaml"),
+                            [f"run_dir={tmp_path / 'stage0'}", *small])
+    assert run.data == "bounce" and run.model_args == {"max_frames": 32, "text_len": 80}
+    with pytest.raises(train.UserError, match="captions run to 66 bytes, this model reads 47"):
+        train.train(train.load_config(os.path.join(ROOT, "configs", "bounce", "stage0.yaml"),
+                                      [f"run_dir={tmp_path / 'short'}", *small, "model_args={}"]))
+    small.append("model_args={text_len: 80}")
+    train.train(train.load_config(os.path.join(ROOT, "configs", "bounce", "stage0.yaml"),
+                                  [f"run_dir={tmp_path / 'stage0'}", *small]))
+    base = str(tmp_path / "base.safetensors")
+    train.main([os.path.join(ROOT, "configs", "bounce", "stage0.yaml"), f"run_dir={tmp_path / 'stage0'}", *small,
+                "--export", base])
+    meta = read_metadata(base)
+    assert meta["domain"] == "bounce" and meta["vocabulary"] == BOUNCE_VOCABULARY and meta["video_shape"][1] == 8
+    rows = tmp_path / "rows.jsonl"
+    evaluate.main(["--checkpoint", base, "--n", "2", "--steps", "2", "--json", str(rows)])
+    row = json.loads(rows.read_text())
+    assert set(evaluate.BOUNCE_ATTRS) <= set(row) and row["n"] == 2  # the two-object judge scored it
+    seen = []
+    real = data.DOMAINS["bounce"].prompts
+    bounce = data.DOMAINS["bounce"]
+    data.DOMAINS["bounce"] = dataclasses.replace(bounce, prompts=lambda n, seed: seen.append(n) or real(n, seed))
+    try:
+        train.train(train.load_config(os.path.join(ROOT, "configs", "bounce", "stage2.yaml"), [
+            f"run_dir={tmp_path / 'stage2'}", f"init={base}", "search_prompts=2", "search_seeds=1",
+            "search_candidates=[1, 4]", "search_sweep=[]"]))
+    finally:
+        data.DOMAINS["bounce"] = bounce
+    assert seen == [2] and (tmp_path / "stage2" / "plan.yaml").exists()
+    assert bounce_validation_prompts(2)[0].count(" and ") == 1
