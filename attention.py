@@ -486,7 +486,9 @@ def describe_backend(backend: str, device, dtype: torch.dtype, head_dim: int, ne
     if chosen == "flash":
         from importlib.metadata import version
         return f"flash: FlexAttention BlockMasks on FlashAttention-4 {version('flash-attn-4')}, full and sparse layers"
-    dense = "cuDNN/Flash SDPA" if torch.device(device).type == "cuda" else "SDPA"
+    cuda = torch.device(device).type == "cuda"
+    dense = "FA4" if cuda and _fa4_for(str(torch.device(device)), str(dtype), head_dim) else \
+        "cuDNN/Flash SDPA" if cuda else "SDPA"
     return f"{chosen}: the tile mask as dense {dense} calls ({'log-sum-exp merge' if chosen == 'merge' else 'reference keys gathered per frame'}); full layers {dense}"
 
 

@@ -264,8 +264,8 @@ def bounce_batch(n, seed_or_generator, num_frames=BOUNCE_FRAMES, size=32, device
 
 def bounce_validation_prompts(n=64, seed=0):
     """Fixed prompt list: object 0 as validation_prompts' prompt i; object 1 with colour i + 1 + (i // 7) % 6
-    (never object 0's), shape i // 3 (mod 3) of the same shuffled labels, and a direction on object 0's axis, the
-    same or the opposite (i // 4 even or odd)."""
+    (never object 0's) and shape i // 3 (mod 3) of the same shuffled labels, and a direction on object 0's axis:
+    the axis's first (left, up) or second (right, down) as i // 4 is even or odd."""
     g = torch.Generator().manual_seed(seed)
     cols = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)]
     shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]

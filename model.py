@@ -236,13 +236,15 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(o, "b h n d -> b n (h d)"))
 
 
-def _attention_ops() -> set:
+@functools.lru_cache(maxsize=1)
+def _attention_ops() -> frozenset:
     """The attention kernels' ops (SDPA's and FlexAttention's, FA4 included): their outputs are the attention
     output and the log-sum-exp that the backward kernel reads."""
     aten = torch.ops.aten
-    return {aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_cudnn_attention.default,
-            aten._scaled_dot_product_efficient_attention.default,
-            aten._scaled_dot_product_flash_attention_for_cpu.default, torch.ops.higher_order.flex_attention}
+    return frozenset({aten._scaled_dot_product_flash_attention.default,
+                      aten._scaled_dot_product_cudnn_attention.default,
+                      aten._scaled_dot_product_efficient_attention.default,
+                      aten._scaled_dot_product_flash_attention_for_cpu.default, torch.ops.higher_order.flex_attention})
 
 
 def _keep_attention(ctx, op, *args, **kwargs):

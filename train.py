@@ -44,7 +44,7 @@ import flow
 import parallel
 from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
-from data import (DOMAINS, NULL_FILE, check_shard_headers, collate, open_dataset,
+from data import (DOMAINS, NULL_FILE, check_shard_headers, checkpoint_domain, collate, open_dataset,
                   shard_paths)
 from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, config_dict, load_model, model_config, num_params,
                    read_metadata)
@@ -72,7 +72,7 @@ class TrainConfig:
     init: str = ""                       # weights to start from (later stages); empty = random init
     data: str = "shapes"                 # "shapes", "bounce" (data.DOMAINS), a shard folder, or "synthetic"
     synthetic_shape: list = field(default_factory=lambda: [4, 8, 90, 160])  # data: synthetic: [C, T, H, W]
-    num_frames: int = 16                 # built-in domains only (bounce: 32)
+    num_frames: int = 0                  # built-in domains only; 0: the domain's own (shapes 16, bounce 32)
     size: int = 32                       # built-in domains only
     batch_size: int = 64                 # global, split over data-parallel ranks
     micro_batch: int = 0                 # samples per forward/backward, gradients summed over the batch;
@@ -190,7 +190,7 @@ RANGES = {
     "betas": _BELOW_1, "grad_clip": _POSITIVE, "ema": _BELOW_1, "caption_dropout": _FRACTION,
     "t_shift": _POSITIVE, "seed": (0, 2**63 - 1, True, True), "log_every": _AT_LEAST_1,
     "ckpt_every": _AT_LEAST_1,
-    "keep": _AT_LEAST_1, "max_minutes": _NON_NEGATIVE, "profile": _NON_NEGATIVE, "num_frames": _AT_LEAST_1,
+    "keep": _AT_LEAST_1, "max_minutes": _NON_NEGATIVE, "profile": _NON_NEGATIVE, "num_frames": _NON_NEGATIVE,
     "size": (4, math.inf, True, False), "synthetic_shape": _AT_LEAST_1, "sample_steps": _AT_LEAST_1,
     "sample_cfg": _NON_NEGATIVE, "sample_shift": _POSITIVE, "mlcd_segments": _AT_LEAST_1,
     "mlcd_teacher_steps": _AT_LEAST_1, "mlcd_teacher_cfg": _NON_NEGATIVE, "mlcd_huber_c": _POSITIVE,
@@ -231,6 +231,8 @@ def make_config(values: dict) -> TrainConfig:
     model_config(cfg.model, **cfg.model_args)
     if cfg.attn_backend:
         cfg.attn_backend = backend_name(cfg.attn_backend)
+    if cfg.num_frames == 0 and cfg.data in DOMAINS:
+        cfg.num_frames = DOMAINS[cfg.data].num_frames
     check_ranges(cfg)
     if cfg.stage not in STAGES:
         raise UserError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
@@ -292,6 +294,12 @@ def check_inputs(cfg: TrainConfig):
         if differ:
             raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} "
                             f"({'; '.join(differ)}): {why}")
+    if stage.teacher_shares and cfg.data in DOMAINS:  # a distilled model learns its teacher's domain
+        metas = [read_metadata(path) for path in (cfg.init, cfg.teacher) if path]
+        trained = {checkpoint_domain(meta) for meta in metas if "vocabulary" in meta}  # built-in data only
+        if trained - {cfg.data}:
+            raise UserError(f"data: {cfg.data}, but init / teacher were trained on data: "
+                            f"{sorted(trained - {cfg.data})[0]}: give the data they were trained on")
     pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
     uses_null = cfg.caption_dropout > 0 or (stage.guided_teacher and cfg.mlcd_teacher_cfg != 1)
     null_file = os.path.join(cfg.data, NULL_FILE)

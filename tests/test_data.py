@@ -188,15 +188,19 @@ def test_shards_round_trip(tmp_path):
 
 def test_psnr_against_a_known_solution():
     """A video off its reference by a constant d on the [-1, 1] scale is off by d / 2 on [0, 1]: PSNR
-    = 10 log10(4 / d^2); equal videos are at the cap."""
+    = 10 log10(4 / d^2); pixels beyond [-1, 1] count as clamped; overall PSNR pools every pixel (10 log10(1 / the
+    mean MSE)); equal videos are at the cap."""
     from evaluate import PSNR_CAP, fidelity, psnr
-    videos, _ = moving_shapes_batch(3, 1)
+    videos = moving_shapes_batch(3, 1)[0] / 2  # in [-0.5, 0.5]
     for d in (0.1, 0.5):
-        assert psnr((videos + d).clamp(max=10), videos) == pytest.approx(torch.full((3,), 10 * math.log10(4 / d**2)),
-                                                                         rel=1e-5)
+        assert psnr(videos + d, videos) == pytest.approx(torch.full((3,), 10 * math.log10(4 / d**2)), rel=1e-5)
+    assert torch.equal(psnr(videos * 4, videos), psnr((videos * 4).clamp(-1, 1), videos))
+    mixed = torch.cat([videos[:1] + 0.5, videos[1:]])  # one video off by 0.5, two equal
+    result = fidelity(mixed, videos)
+    assert result["psnr"] == pytest.approx(10 * math.log10(3 * 4 / 0.5**2), rel=1e-5)
+    assert result["psnr_per_video"][1:] == [PSNR_CAP, PSNR_CAP]
     same = fidelity(videos, videos)
     assert same["psnr"] == PSNR_CAP and same["ssim"] == pytest.approx(1.0, abs=1e-6)
-    assert len(same["psnr_per_video"]) == 3
 
 
 def _ssim_by_windows(x, y):
@@ -261,8 +265,9 @@ def test_bounce_paths_turn_at_the_walls():
 
 def test_the_bounce_judge_scores_ground_truth_at_one_and_broken_time_near_chance():
     """Rendered bouncing shapes score 1.000 on every attribute; the same videos with their frames shuffled or
-    frozen at frame 0 score 0 overall (colour and shape are per-frame facts, what breaks is the motion), and
-    another video's captions score near chance."""
+    frozen at frame 0 score 0 overall (colour and shape are per-frame facts, what breaks is the motion), another
+    video's captions score near chance, captions with every direction reversed score near 0 on direction and
+    bounce, and objects that vanish after frame 8 are not there."""
     from data import DOMAINS, bounce_batch, bounce_validation_prompts
     from evaluate import score_bounce
     videos, prompts = bounce_batch(96, 3)
@@ -274,6 +279,12 @@ def test_the_bounce_judge_scores_ground_truth_at_one_and_broken_time_near_chance
         result = score_bounce(broken, prompts)
         assert result["overall"] < 0.05 and result["bounce"] < 0.05, result
     assert score_bounce(videos, prompts[1:] + prompts[:1])["overall"] < 0.05
+    swap = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    mirrored = score_bounce(videos, [" ".join(swap.get(w, w) for w in p.split()) for p in prompts])
+    assert mirrored["direction"] < 0.1 and mirrored["bounce"] < 0.1, mirrored  # motion drawn the other way
+    gone = videos.clone()
+    gone[:, :, 8:] = -1  # both objects vanish after frame 8
+    assert score_bounce(gone, prompts)["colour"] == 0.0
     longest = len(DOMAINS["bounce"].longest_caption)
     assert max(len(p) for p in prompts + bounce_validation_prompts(420)) <= longest
     assert len({p.split(" and ")[1].split()[1] for p in bounce_validation_prompts(84)}) == 7  # every colour second

@@ -499,6 +499,10 @@ def test_the_bounce_domain_through_training_export_evaluation_and_the_search(tmp
                 "--export", base])
     meta = read_metadata(base)
     assert meta["domain"] == "bounce" and meta["vocabulary"] == BOUNCE_VOCABULARY and meta["video_shape"][1] == 8
+    with pytest.raises(train.UserError, match="data: shapes, but init / teacher were trained on data: bounce"):
+        train.train(train.load_config(os.path.join(ROOT, "configs", "bounce", "stage1.yaml"), [
+            f"run_dir={tmp_path / 'stage1'}", f"init={base}", f"teacher={base}", "data=shapes"]))
+    assert train.load_config(os.path.join(ROOT, "configs", "bounce", "stage1.yaml"), ["num_frames=0"]).num_frames == 32
     rows = tmp_path / "rows.jsonl"
     evaluate.main(["--checkpoint", base, "--n", "2", "--steps", "2", "--json", str(rows)])
     row = json.loads(rows.read_text())
