@@ -335,9 +335,9 @@ def main(argv=None):
                     help="sampling time shifts (default: checkpoint's)")
     ap.add_argument("--plan", default=None, help="a stage-2 plan.yaml to apply to the checkpoint (no retraining)")
     ap.add_argument("--reference", default=None,
-                    help="fidelity: PSNR and SSIM against this model's videos (no plan; its sampler, with --steps, "
-                         "--cfg and --shift where given) of the same prompts, seeds and noise, e.g. the "
-                         "full-attention model")
+                    help="fidelity: PSNR and SSIM against this model's videos (its own saved plan and sampler, "
+                         "with --steps, --cfg and --shift where given) of the same prompts, seeds and noise, e.g. "
+                         "the full-attention model")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
