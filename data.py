@@ -165,13 +165,18 @@ class MovingShapes(torch.utils.data.IterableDataset):
             yield moving_shapes_batch(self.batch_size, g, self.num_frames, self.size, self.device)
 
 
+def _shuffled_labels(seed):
+    """The colour, shape and direction names, each list shuffled by `seed` (the validation prompts' labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return ([list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)],
+            [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)],
+            [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)])
+
+
 def validation_prompts(n=64, seed=0):
     """Fixed prompt list. Prompt i uses colour i%7, shape i%3, direction i%4 (labels shuffled by `seed`):
     7, 3, 4 are coprime, so the first 84 prompts are all combinations and every prefix is balanced."""
-    g = torch.Generator().manual_seed(seed)
-    cols = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)]
-    shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]
-    dirs = [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)]
+    cols, shps, dirs = _shuffled_labels(seed)
     return [f"a {cols[i % 7]} {shps[i % 3]} moving {dirs[i % 4]}" for i in range(n)]
 
 
@@ -206,9 +211,9 @@ def bounce_params(n, generator):
     toward_end = (direction == 1) | (direction == 3)  # right, down
     along = torch.where(toward_end, 0, lead) + (1 - size - lead) * along
     horizontal = direction < 2  # left, right
-    gap = CURTAIN_GAP
-    lane_low = torch.where(horizontal, torch.tensor([0.0, 0.5]), torch.tensor([0.0, CURTAIN[1] + gap]))
-    lane_high = torch.where(horizontal, torch.tensor([0.5, 1.0]), torch.tensor([CURTAIN[0] - gap, 1.0])) - size
+    lane_low = torch.where(horizontal, torch.tensor([0.0, 0.5]), torch.tensor([0.0, CURTAIN[1] + CURTAIN_GAP]))
+    lane_high = torch.where(horizontal, torch.tensor([0.5, 1.0]),
+                            torch.tensor([CURTAIN[0] - CURTAIN_GAP, 1.0])) - size
     across = lane_low + (lane_high - lane_low) * u()
     return dict(shape=shape, colour=colour, direction=direction, size=size, speed=speed, along=along,
                 across=across)
@@ -266,10 +271,7 @@ def bounce_validation_prompts(n=64, seed=0):
     """Fixed prompt list: object 0 as validation_prompts' prompt i; object 1 with colour i + 1 + (i // 7) % 6
     (never object 0's) and shape i // 3 (mod 3) of the same shuffled labels, and a direction on object 0's axis:
     the axis's first (left, up) or second (right, down) as i // 4 is even or odd."""
-    g = torch.Generator().manual_seed(seed)
-    cols = [list(COLOURS)[i] for i in torch.randperm(len(COLOURS), generator=g)]
-    shps = [SHAPES[i] for i in torch.randperm(len(SHAPES), generator=g)]
-    dirs = [DIRECTIONS[i] for i in torch.randperm(len(DIRECTIONS), generator=g)]
+    cols, shps, dirs = _shuffled_labels(seed)
     second = lambda d, i: DIRECTIONS[DIRECTIONS.index(d) // 2 * 2 + i // 4 % 2]  # noqa: E731 - on d's axis
     return [BOUNCE_CAPTION_FORM.format(colour=cols[i % 7], shape=shps[i % 3], direction=dirs[i % 4],
                                        colour2=cols[(i + 1 + (i // 7) % 6) % 7], shape2=shps[(i // 3) % 3],
