@@ -492,6 +492,14 @@ def describe_backend(backend: str, device, dtype: torch.dtype, head_dim: int, ne
     return f"{chosen}: the tile mask as dense {dense} calls ({'log-sum-exp merge' if chosen == 'merge' else 'reference keys gathered per frame'}); full layers {dense}"
 
 
+def kernel_dtype(dtype: torch.dtype, is_cuda: bool) -> torch.dtype:
+    """The dtype attention kernels run in: under CUDA bf16/fp16 autocast, the autocast dtype (q, k, v may still
+    be fp32 when they reach attention), else the tensors' own."""
+    if is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return dtype
+
+
 def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto", block_mask=None):
     """Self-attention over T frames with the k:(T-k) mask. q, k, v: [B, H, N, D]; k >= T is full attention.
     "auto" runs FA4 through FlexAttention where it can (choose_backend), else the exact dense rewrites: "merge"
@@ -503,9 +511,7 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
     if N % num_frames:
         raise ValueError(f"{N} tokens do not split into {num_frames} frames")
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    dtype = q.dtype
-    if q.is_cuda and torch.is_autocast_enabled("cuda"):  # under bf16 autocast q, k, v may still be fp32 here
-        dtype = torch.get_autocast_dtype("cuda")
+    dtype = kernel_dtype(q.dtype, q.is_cuda)
     backend = choose_backend(backend, str(q.device), str(dtype), q.shape[-1], needs_grad)
     if q.is_cuda and _fa4_for(str(q.device), str(dtype), q.shape[-1]):  # FA4 takes the autocast dtype only
         q, k, v = (x.to(dtype) for x in (q, k, v))

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import parallel
 from cli import UserError, atomic_output
 from attention import (FULL, backend_name, choose_backend, entry_num_ref, expand_plan, flash_block_mask,
-                       tile_attention)
+                       kernel_dtype, tile_attention)
 
 
 @dataclass
@@ -414,8 +414,7 @@ class DiT(nn.Module):
         inside would break the block's graph, and a graph break inside an activation checkpoint leaves the policy
         blind to the FA4 kernel (its forward then runs again)."""
         masks = [None] * len(self.blocks)
-        autocast = x.is_cuda and torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda") if autocast else self.patch_embed.weight.dtype
+        dtype = kernel_dtype(self.patch_embed.weight.dtype, x.is_cuda)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if choose_backend(self.attn_backend, str(x.device), str(dtype), self.cfg.head_dim, needs_grad) != "flash":
             return masks
