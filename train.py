@@ -277,38 +277,38 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 def check_inputs(cfg: TrainConfig):
     """Everything a run reads, checked before any model is built: checkpoints, plan, data folder, device, and
     that sp_size splits the model's heads."""
+    metas = {}  # init's and teacher's metadata, read once
     for key in ("init", "teacher"):
         path = getattr(cfg, key)
         if path:
             try:
-                read_metadata(path)
+                metas[key] = read_metadata(path)
             except UserError as e:
                 where = "" if os.path.isabs(path) else f" (relative to the current folder, {os.getcwd()})"
                 raise UserError(f"{key}: {e}{where}") from None
     stage = STAGES[cfg.stage]
     if stage.teacher_shares and cfg.init and cfg.teacher:
         keys, why = stage.teacher_shares
-        student, teacher = (config_dict(ModelConfig(**read_metadata(path)["model_config"]))
-                            for path in (cfg.init, cfg.teacher))
+        student, teacher = (config_dict(ModelConfig(**metas[key]["model_config"]))
+                            for key in ("init", "teacher"))
         differ = [f"{k} {teacher[k]} vs {student[k]}" for k in keys if teacher[k] != student[k]]
         if differ:
             raise UserError(f"teacher: {cfg.teacher!r} is another model than init {cfg.init!r} "
                             f"({'; '.join(differ)}): {why}")
     if stage.teacher_shares and cfg.data in DOMAINS:  # a distilled model learns its teacher's domain
-        metas = [read_metadata(path) for path in (cfg.init, cfg.teacher) if path]
-        trained = {checkpoint_domain(meta) for meta in metas if "vocabulary" in meta}  # built-in data only
+        trained = {checkpoint_domain(meta) for meta in metas.values()
+                   if "vocabulary" in meta}  # trained on built-in data
         if trained - {cfg.data}:
             raise UserError(f"data: {cfg.data}, but init / teacher were trained on data: "
                             f"{sorted(trained - {cfg.data})[0]}: give the data they were trained on")
-    pretrained = [path for path in (cfg.init, cfg.teacher) if path and "source" in read_metadata(path)]
+    pretrained = [getattr(cfg, key) for key, meta in metas.items() if "source" in meta]
     uses_null = cfg.caption_dropout > 0 or (stage.guided_teacher and cfg.mlcd_teacher_cfg != 1)
     null_file = os.path.join(cfg.data, NULL_FILE)
     if pretrained and uses_null and cfg.data not in DOMAINS and not os.path.isfile(null_file):
         raise UserError(f"{pretrained[0]!r} is a pretrained model: its empty caption is its text encoder's "
                         f"embedding, not a zero token, and caption dropout or guidance needs it as "
                         f"{null_file} (python wan.py embed --pipeline PIPELINE --prompt '' --out ...)")
-    arch = read_metadata(cfg.init)["model_config"] if cfg.init else \
-        asdict(model_config(cfg.model, **cfg.model_args))
+    arch = metas["init"]["model_config"] if cfg.init else asdict(model_config(cfg.model, **cfg.model_args))
     heads = arch["heads"]
     if cfg.data in DOMAINS and arch.get("text_encoder") == "bytes" and \
             arch["text_len"] - 1 < (longest := len(DOMAINS[cfg.data].longest_caption)):
