@@ -518,8 +518,11 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
     if backend == "flash":
         if num_ref >= num_frames:
             return _flex(q, k, v, None, FLASH)
-        if block_mask is None or block_mask.BLOCK_SIZE != _flash_block_size_for(str(q.device), q.shape[-1],
-                                                                                 needs_grad):
+        # a mask made for the other tile (forward-only or training) is made again; checked eagerly only: compiled
+        # blocks take theirs from DiT.block_masks, and dynamo on torch 2.11 fails comparing a BlockMask's size
+        stale = block_mask is not None and not torch.compiler.is_compiling() and \
+            block_mask.BLOCK_SIZE != _flash_block_size_for(str(q.device), q.shape[-1], needs_grad)
+        if block_mask is None or stale:
             block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device, q.shape[-1], needs_grad)
         if block_mask is not None:
             return _flex(q, k, v, block_mask, FLASH)
