@@ -422,6 +422,13 @@ class DiT(nn.Module):
         and the identical blocks share one graph per mask entry, so the model compiles in the time of one block.
         The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward). Weights
         keep their names (no `_orig_mod.`), so saving needs no unwrapping. -> self"""
+        # An observer (stage 3's AttentionRecorder) appends each layer's attention output to a list: a side effect
+        # that dynamo refuses inside an activation checkpoint (a graph break there hides FA4 from the checkpoint's
+        # policy and runs its forward twice) unless it may skip replaying it in the backward's recompute, which is
+        # what we want: the recompute must not record again.
+        import torch._dynamo
+        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(dynamic=False)

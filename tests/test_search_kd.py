@@ -115,6 +115,48 @@ def test_attention_recording_is_scoped_and_pairs_layers_strictly():
         distill.kd_loss(v, v, recorder.outputs, recorder.outputs[:2], 1.0, 1.0)
 
 
+def test_recording_inside_compiled_checkpointed_blocks_breaks_no_graph_and_keeps_gradients():
+    """Stage 3 records every layer's attention output inside the compiled blocks' activation checkpoints: dynamo
+    refuses that side effect there unless told not to replay it in the recompute (DiT.compile_blocks), and a graph
+    break inside the checkpoint would hide FA4 from the policy. Compiled (dynamo, eager kernels: a CPU runs no
+    compiled backward of these), each checkpoint policy records each layer once, breaks no graph, and gives the
+    eager model's loss and gradients."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from model import DiT, model_config
+    torch.manual_seed(0)
+    m = DiT(model_config("tiny", hidden=64, heads=2, depth=3), mask_plan=[1, "full", 2], attn_backend="gather")
+    x, t = torch.randn(1, 3, 4, 16, 16), torch.rand(1)
+    ids, mask = m.tokenize(["a red circle moving left"])
+    recorder = distill.AttentionRecorder(m, detach=False)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        with recorder:
+            out = m(x, t, ids, mask)
+        loss = out.square().mean() + sum(o.square().mean() for o in recorder.outputs)
+        loss.backward()
+        return loss.detach(), len(recorder.outputs), [p.grad.clone() for p in m.blocks.parameters()]
+
+    reference = step()
+    for policy in ("full", "save_attention"):
+        torch._dynamo.reset()
+        counters.clear()
+        m.set_checkpointing(policy)
+        for block in m.blocks:
+            block._compiled_call_impl = None
+        m.compile_blocks()
+        for block in m.blocks:  # compile_blocks' settings, with kernels dynamo's CPU backward can run
+            block._compiled_call_impl = None
+            block.compile(backend="aot_eager", dynamic=False)
+        loss, recorded, grads = step()
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert recorded == 3 and torch.allclose(loss, reference[0], rtol=1e-5)
+        for a, b in zip(grads, reference[2], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("B,H,T,S", [(1, 2, 4, 6), (2, 3, 5, 8)])
 def test_tile_mass_by_frame_pairs_equals_the_dense_softmax(B, H, T, S):
     """The stage-2 map computed frame pair by frame pair (no N x N) against the full attention matrix."""
