@@ -16,6 +16,7 @@
 Each mode prints a table and can write JSON. Timings are medians over repeats after warm-up, measured with
 CUDA events on GPU; speedups are ratios within one process on one card (train: read back from train.py's log).
 """
+import contextlib
 import json
 import math
 import os
@@ -360,25 +361,32 @@ def bench_model(args):
     """The --model forward (or, with --backward, forward + backward) under full attention and plans of ~45% /
     ~55% sparsity (--sparsity), on each --backend; the share of device time in attention kernels comes from
     profile_split. With --diffusers (a Wan preset), diffusers' own forward with the same weights first, eager and
-    compiled, and the difference of our full-attention output from its eager one."""
+    compiled, and the difference of our full-attention output from its eager one. Where FA4 runs, full attention on
+    cuDNN too (fa4_off), and every row's speed-up over it."""
+    import attention
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" and not args.backward else torch.float32
     model, x, text, mask = bench_model_inputs(args, dev, dtype)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows, reference = bench_diffusers(model, x, text, args) if args.diffusers else ([], None)
-    for backend in args.backend:
+    runs = [(backend, False) for backend in args.backend]
+    if dev == "cuda" and attention.flash_available(dev, dtype, model.cfg.head_dim) and not args.diffusers:
+        runs.append(("gather", True))  # full attention on cuDNN (FA4 off): the line the field compares against
+    for backend, cudnn in runs:
         model.set_attn_backend(backend)
-        print(f"attention ({backend}): {kernel_line(model, backend, args)}")
         first = len(rows)
-        for name, (plan, sparsity) in model_plans(T, model.cfg.depth, args.sparsity).items():
-            model.set_mask_plan(plan)
-            torch._dynamo.reset()
-            ms = forward_ms(model, x, text, mask, args)
-            split = profile_split(model_call(model, x, text, mask, args))
-            rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
-                         "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
-                         "compiled": args.compile, "backend": backend, **(split if args.profile else {})})
-            rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
+        with fa4_off() if cudnn else contextlib.nullcontext():
+            print(f"attention ({'cuDNN, FA4 off' if cudnn else backend}): {kernel_line(model, backend, args)}")
+            for name, (plan, sparsity) in model_plans(T, model.cfg.depth, () if cudnn else args.sparsity).items():
+                model.set_mask_plan(plan)
+                torch._dynamo.reset()
+                ms = forward_ms(model, x, text, mask, args)
+                split = profile_split(model_call(model, x, text, mask, args))
+                rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
+                             "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                             "compiled": args.compile, "backend": "cuDNN (FA4 off)" if cudnn else backend,
+                             **(split if args.profile else {})})
+                rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
             if reference is not None and plan == ["full"]:
                 out = model_call(model, x, text, mask, args)().float()
                 rows[-1]["max_diff_vs_diffusers"] = fmt((out - reference.float()).abs().max().item(), 4)
@@ -387,14 +395,30 @@ def bench_model(args):
         r.update({"model": args.model if not args.tiny else f"tiny {args.model}", "layers": model.cfg.depth,
                   "latents": "x".join(map(str, x.shape[1:])), "tokens": x[0, 0].numel() // math.prod(model.cfg.patch_size)})
         r["speedup"] = fmt(rows[0]["ms"] / r["ms"])  # against the first row: diffusers eager, or full attention
+        if runs[-1][1]:
+            r["vs_cudnn_full"] = fmt(rows[-1]["ms"] / r["ms"])
         if args.diffusers:
             r["vs_diffusers_compiled"] = fmt(rows[1]["ms"] / r["ms"])
     split = SPLIT_COLS if args.profile else []
     print(f"ms per {'forward + backward' if args.backward else 'forward'}; speedup against the first row")
     print_table(rows, ["model", "layers", "latents", "tokens", "plan", "sparsity%", "ms", "attention%", "speedup"]
                 + (["vs_diffusers_compiled", "max_diff_vs_diffusers", "rel_l2_vs_diffusers"] if args.diffusers else [])
-                + ["vs_full_same_backend", "compiled", "backend"] + split)
+                + ["vs_cudnn_full"] * runs[-1][1] + ["vs_full_same_backend", "compiled", "backend"] + split)
     return rows
+
+
+@contextlib.contextmanager
+def fa4_off():
+    """FA4 reported absent: full attention (and the dense rewrites) then run on cuDNN SDPA, the line a model's
+    speed-up is counted against. Compiled code is made again inside (torch._dynamo.reset per plan)."""
+    import attention
+    flash_available = attention.flash_available
+    attention.flash_available = lambda device, dtype, head_dim: False
+    try:
+        yield
+    finally:
+        attention.flash_available = flash_available
+        torch._dynamo.reset()
 
 
 def sampling_loop(model, x, text, mask, steps):
