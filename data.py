@@ -146,8 +146,7 @@ def unknown_words(text: str, vocabulary) -> list[str]:
 
 def moving_shapes_batch(n, seed_or_generator, num_frames=16, size=32, device=None):
     """(videos [n, 3, T, H, W] in [-1, 1], captions); deterministic given the seed."""
-    params = sample_params(n, _generator(seed_or_generator))
-    return render(params, num_frames, size, device), captions(params)
+    return DOMAINS["shapes"].batch(n, seed_or_generator, num_frames, size, device)
 
 
 class MovingShapes(torch.utils.data.IterableDataset):
@@ -263,8 +262,7 @@ def bounce_captions(params):
 
 def bounce_batch(n, seed_or_generator, num_frames=BOUNCE_FRAMES, size=32, device=None):
     """(videos [n, 3, T, H, W] in [-1, 1], captions) of bouncing shapes; deterministic given the seed."""
-    params = bounce_params(n, _generator(seed_or_generator))
-    return render_bounce(params, num_frames, size, device), bounce_captions(params)
+    return DOMAINS["bounce"].batch(n, seed_or_generator, num_frames, size, device)
 
 
 def bounce_validation_prompts(n=64, seed=0):
@@ -285,18 +283,26 @@ class Domain:
     """A built-in procedural video domain, as a training config's `data:` names it: how it draws videos and
     captions, every word its captions use (checkpoints carry it, sample.py checks prompts against it), its fixed
     validation prompts (evaluate.py, the mask search) and its video size. evaluate.SCORES holds its judge."""
-    batch: Callable  # (n, seed or generator, num_frames, size) -> (videos [n, 3, T, H, W] in [-1, 1], captions)
+    params: Callable  # (n, generator) -> each video's random parameters: a dict of CPU tensors, n first
+    render: Callable  # (params, num_frames, size, device) -> videos [n, 3, T, H, W] in [-1, 1], no randomness
+    captions: Callable  # (params) -> n captions
     vocabulary: list
     prompts: Callable  # (n, seed) -> n validation prompts
     num_frames: int
     longest_caption: str  # its longest caption (a model's byte encoder must read it whole)
     size: int = 32
 
+    def batch(self, n, seed_or_generator, num_frames=None, size=None, device=None):
+        """(videos [n, 3, T, H, W] in [-1, 1], captions); deterministic given the seed."""
+        params = self.params(n, _generator(seed_or_generator))
+        return self.render(params, num_frames or self.num_frames, size or self.size, device), self.captions(params)
+
 
 DOMAINS = {
-    "shapes": Domain(moving_shapes_batch, VOCABULARY, validation_prompts, 16,  # the demo: one object
+    "shapes": Domain(sample_params, render, captions, VOCABULARY, validation_prompts, 16,  # the demo: one object
                      "a magenta triangle moving right"),
-    "bounce": Domain(bounce_batch, BOUNCE_VOCABULARY, bounce_validation_prompts, BOUNCE_FRAMES,  # the harder one
+    "bounce": Domain(bounce_params, render_bounce, bounce_captions, BOUNCE_VOCABULARY,  # the harder one
+                     bounce_validation_prompts, BOUNCE_FRAMES,
                      "a magenta triangle moving right and a yellow triangle moving right"),
 }
 

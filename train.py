@@ -343,17 +343,19 @@ def sample_generator(cfg, step, index, device, stream):
 
 def get_batch(cfg, model, dataset, step, first, n, device):
     """-> x0 [n, C, T, H, W], text, text_mask on device: samples first .. first + n - 1 of the step's global
-    batch (a video, its caption or text embedding, and whether caption dropout blanks it)."""
-    items = []
-    for index in range(first, first + n):
-        g = sample_generator(cfg, step, index, "cpu", DATA)
-        if dataset is None:
-            video, caption = DOMAINS[cfg.data].batch(1, g, cfg.num_frames, cfg.size)
-            item = {"video": video[0], "caption": caption[0]}
-        else:
-            item = dataset[int(torch.randint(len(dataset), (1,), generator=g))]
-        items.append({**item, "drop": torch.rand(1, generator=g)[0] < cfg.caption_dropout})
-    batch = collate(items)
+    batch (a video, its caption or text embedding, and whether caption dropout blanks it). A built-in domain draws
+    each sample's parameters from the sample's own generator and renders the n videos in one call on the device
+    (rendered one at a time on the CPU, 128 bouncing-shapes videos took 0.25 s on a 2-core machine, while an H200
+    trained at 2 steps a second)."""
+    generators = [sample_generator(cfg, step, index, "cpu", DATA) for index in range(first, first + n)]
+    if dataset is None:
+        domain = DOMAINS[cfg.data]
+        drawn = [domain.params(1, g) for g in generators]
+        params = {key: torch.cat([p[key] for p in drawn]) for key in drawn[0]}
+        batch = {"video": domain.render(params, cfg.num_frames, cfg.size, device), "caption": domain.captions(params)}
+    else:
+        batch = collate([dataset[int(torch.randint(len(dataset), (1,), generator=g))] for g in generators])
+    batch["drop"] = torch.stack([torch.rand(1, generator=g)[0] < cfg.caption_dropout for g in generators])
     text, mask = model.text_input(batch)
     null, null_mask = flow.null_text(model, n, text, getattr(dataset, "null_text", None))
     drop = batch["drop"]

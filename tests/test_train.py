@@ -372,6 +372,28 @@ def test_sample_generators_differ_for_every_step_index_and_stream():
         cfg, 2, 1009, "cpu", train.NOISE)))
 
 
+@pytest.mark.parametrize("domain", ["shapes", "bounce"])
+def test_a_built_in_domain_batch_renders_each_sample_as_its_own_generator_draws_it(domain):
+    """get_batch draws every sample's parameters from the sample's own generator and renders them in one call: the
+    same videos, captions and dropped captions as drawing each sample alone (what it did before, and what makes a
+    sample independent of the batch and process it falls in)."""
+    from data import DOMAINS
+    from model import DiT, model_config
+    cfg = train.make_config({"data": domain, "model": "tiny", "caption_dropout": 0.5})
+    cfg.num_frames, cfg.size = 5, 16
+    model = DiT(model_config("tiny", max_frames=8, text_len=80))
+    x0, text, mask = train.get_batch(cfg, model, None, 3, 2, 6, "cpu")
+    videos, dropped = [], []
+    for index in range(2, 8):
+        g = train.sample_generator(cfg, 3, index, "cpu", train.DATA)
+        video, caption = DOMAINS[domain].batch(1, g, 5, 16)
+        videos.append(video[0])
+        dropped.append(torch.rand(1, generator=g)[0] < 0.5)
+        ids, ids_mask = model.tokenize(["" if dropped[-1] else caption[0]])
+        assert torch.equal(text[index - 2], ids[0]) and torch.equal(mask[index - 2], ids_mask[0])
+    assert torch.equal(x0, torch.stack(videos)) and 0 < sum(dropped) < 6
+
+
 def test_fsdp_checkpoint_with_a_missing_shard_is_set_aside(tmp_path, capsys):
     """fsdp: true in one process writes DCP checkpoints; one whose shard file is gone is named, set aside, and the
     run resumes from the one before it, with the same steps as a run that was never interrupted."""
