@@ -273,23 +273,22 @@ def save_plan_png(path, rows, num_frames, scale=6):
 # Stage 3: knowledge distillation into the sparse model
 
 class AttentionRecorder:
-    """Every layer's attention output of the forwards run inside `with recorder:` (in layer order); outside it
-    the model's layers have no observer. The same recorder object is attached each time, so a compiled model
-    sees one observer and compiles once."""
+    """Every layer's attention output of the forwards run inside `with recorder:` (in layer order), as the blocks
+    return them to DiT.forward (outside the compiled blocks); outside it the model records nothing."""
 
     def __init__(self, model, detach: bool):
         self.model, self.detach, self.outputs = model, detach, []
 
-    def __call__(self, q, k, v, out, num_frames):
+    def __call__(self, out):
         self.outputs.append(out.detach() if self.detach else out)
 
     def __enter__(self):
         self.outputs = []
-        self.model.set_observers([self] * len(self.model.blocks))
+        self.model.recorder = self
         return self
 
     def __exit__(self, *exc):
-        self.model.set_observers(None)
+        self.model.recorder = None
 
 
 class _MeanSquaredError(torch.autograd.Function):

@@ -22,8 +22,8 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import parallel
 from cli import UserError, atomic_output
-from attention import (FULL, backend_name, choose_backend, entry_num_ref, expand_plan, flash_block_mask,
-                       kernel_dtype, tile_attention)
+from attention import (FLEX_RECOMPILE_LIMIT, FULL, backend_name, choose_backend, entry_num_ref, expand_plan,
+                       flash_block_mask, kernel_dtype, tile_attention)
 
 
 @dataclass
@@ -159,17 +159,18 @@ def apply_rope(x, cos, sin):
 class Attend(nn.Module):
     """The attention call of one self-attention layer, apart from its projections (diffusers' processors make the
     same cut): the Ulysses exchange, RoPE, the layer's Attention Tile mask on the chosen backend, and the observer
-    that the mask search and layer-wise distillation attach. wan.TileAttnProcessor runs it inside a diffusers
-    model, so the two share every line of it."""
+    that the mask search attaches. wan.TileAttnProcessor runs it inside a diffusers model, so the two share every
+    line of it."""
 
     def __init__(self, backend: str = "auto"):
         super().__init__()
         self.backend = backend
         self.plan_entry = FULL  # this layer's mask: FULL or its number of reference frames (DiT.set_mask_plan)
-        self.observer = None  # observer(q, k, v, out, num_frames): mask search and layer-wise distillation
+        self.observer = None  # observer(q, k, v, out, num_frames): the mask search (eager: it keeps Python state)
 
     def attend(self, q, k, v, rope, num_frames, sp_group=None, block_mask=None):
-        """q, k, v: [B, n, H, Dh], this rank's n tokens (all N without sequence parallelism) -> [B, n, H * Dh].
+        """q, k, v: [B, n, H, Dh], this rank's n tokens (all N without sequence parallelism) -> ([B, n, H * Dh],
+        the attention output [B, H, N, Dh]: this rank's heads, every token, what layer-wise distillation compares).
         block_mask: this layer's FA4 BlockMask where DiT.block_masks made one."""
         N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
         if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
@@ -179,10 +180,10 @@ class Attend(nn.Module):
         o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend, block_mask)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
-        o = rearrange(o, "b h n d -> b n h d")
+        out = rearrange(o, "b h n d -> b n h d")
         if sp_group is not None:  # and back, padding restored so that every rank gets an equal shard
-            o = parallel.heads_to_seq(F.pad(o, (0, 0, 0, 0, 0, -N % parallel.group_size(sp_group))), sp_group)
-        return o.flatten(2)
+            out = parallel.heads_to_seq(F.pad(out, (0, 0, 0, 0, 0, -N % parallel.group_size(sp_group))), sp_group)
+        return out.flatten(2), o
 
 
 def qk_norm(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -203,7 +204,8 @@ class HeadRMSNorm(nn.RMSNorm):
 
 
 class SelfAttention(Attend):
-    """q, k, v projections (one matmul) and q/k norms, then the attend step, then the output projection."""
+    """q, k, v projections (one matmul) and q/k norms, then the attend step, then the output projection.
+    -> (output, the attention output before the projection: Attend.attend's)"""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,7 +217,8 @@ class SelfAttention(Attend):
     def forward(self, x, rope, num_frames, sp_group=None, block_mask=None):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, n, hidden] each
         q, k, v = (y.unflatten(-1, (self.heads, -1)) for y in (self.q_norm(q), self.k_norm(k), v))  # [B, n, H, Dh]
-        return self.proj(self.attend(q, k, v, rope, num_frames, sp_group, block_mask))
+        out, o = self.attend(q, k, v, rope, num_frames, sp_group, block_mask)
+        return self.proj(out), o
 
 
 class CrossAttention(nn.Module):
@@ -292,8 +295,12 @@ class Block(nn.Module):
         self.checkpoint_policy = None  # a key of CHECKPOINT_POLICIES: recompute in training (DiT.set_checkpointing)
 
     def forward(self, *args):
-        """(x, t_mod, context, context_mask, rope, num_frames, sp_group, block_mask) -> x. The checkpoint sits
-        inside the block, so a compiled block compiles its policy with it and FSDP gathers the weights outside it."""
+        """(x, t_mod, context, context_mask, rope, num_frames, sp_group, block_mask) -> (x, the self-attention
+        output: SelfAttention's, which layer-wise distillation records). The checkpoint sits inside the block, so a
+        compiled block compiles its policy with it and FSDP gathers the weights outside it. The attention output
+        is returned, not handed to an observer: a side effect inside a compiled checkpoint breaks its graph, and
+        appending to one list from every layer made dynamo guard on the list's length, compiling the block once
+        per layer until its recompile limit (8) left the rest eager."""
         if self.checkpoint_policy is None or not torch.is_grad_enabled():
             return self.body(*args)
         context_fn = CHECKPOINT_POLICIES[self.checkpoint_policy]
@@ -302,11 +309,12 @@ class Block(nn.Module):
     def body(self, x, t_mod, context, context_mask, rope, num_frames, sp_group=None, block_mask=None):
         # t_mod: [B, 6, D] shared by all blocks; the table makes it block specific
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t_mod).unbind(1)
-        x = x + gate_a[:, None] * self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]),
-                                            rope, num_frames, sp_group, block_mask)
+        a, o = self.attn(modulate(self.norm1(x), shift_a[:, None], scale_a[:, None]), rope, num_frames, sp_group,
+                         block_mask)
+        x = x + gate_a[:, None] * a
         x = x + self.cross(self.norm_cross(x), context, context_mask)
         x = x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m[:, None], scale_m[:, None]))
-        return x
+        return x, o
 
 
 class ByteTextEncoder(nn.Module):
@@ -363,6 +371,7 @@ class DiT(nn.Module):
         self.out = nn.Linear(D, self.patch_dim)
         self._rope_cache = {}
         self.sp_group = None  # set by enable_sequence_parallel
+        self.recorder = None  # recorder(attention output [B, H, N, Dh]) after each layer (distill.AttentionRecorder)
         self.initialize_weights()
         self.set_mask_plan(mask_plan)
         self.set_attn_backend(attn_backend)
@@ -408,8 +417,8 @@ class DiT(nn.Module):
             block.checkpoint_policy = policy
 
     def set_observers(self, observers):
-        """Attach one observer per self-attention layer (model.Attend.observer: the mask search and layer-wise KD
-        read q, k, v and each layer's output through it), or detach them all with None."""
+        """Attach one observer per self-attention layer (model.Attend.observer: the mask search reads q, k, v and
+        each layer's output through it), or detach them all with None."""
         for block, observer in zip(self.blocks, observers or [None] * len(self.blocks), strict=True):
             block.attn.observer = observer
 
@@ -421,14 +430,11 @@ class DiT(nn.Module):
         """Regional compilation: each transformer block is compiled on its own (nn.Module.compile, dynamic=False),
         and the identical blocks share one graph per mask entry, so the model compiles in the time of one block.
         The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward). Weights
-        keep their names (no `_orig_mod.`), so saving needs no unwrapping. -> self"""
-        # An observer (stage 3's AttentionRecorder) appends each layer's attention output to a list: a side effect
-        # that dynamo refuses inside an activation checkpoint (a graph break there hides FA4 from the checkpoint's
-        # policy and runs its forward twice) unless it may skip replaying it in the backward's recompute, which is
-        # what we want: the recompute must not record again.
+        keep their names (no `_orig_mod.`), so saving needs no unwrapping. A graph per mask entry, grad mode and
+        shape: dynamo's recompile limit (8 per function) is raised as for FlexAttention, since past it the blocks
+        would quietly run eager (a searched plan at Wan's 21 frames may hold more than 8 entries). -> self"""
         import torch._dynamo
-        if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(dynamic=False)
@@ -505,7 +511,9 @@ class DiT(nn.Module):
         rope = self.rope(grid, x.device)
         masks = self.block_masks(grid, x)
         for block, block_mask in zip(self.blocks, masks, strict=True):
-            x = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group, block_mask)
+            x, o = block(x, t_mod, context, context_mask, rope, grid[0], self.sp_group, block_mask)
+            if self.recorder is not None:  # layer-wise distillation (distill.AttentionRecorder)
+                self.recorder(o)
         shift, scale = (self.out_table[None] + t_emb[:, None]).unbind(1)
         x = self.out(modulate(self.norm_out(x), shift[:, None], scale[:, None]))  # [B, N, patch_dim]
         if self.sp_group is not None:

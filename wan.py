@@ -354,7 +354,7 @@ class TileAttnProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (attn.norm_q(q), attn.norm_k(k), v))  # [B, N, H, Dh]
         cos, sin = (r[0, :, 0, 0::2] for r in rotary_emb)  # [1, N, 1, Dh], each pair's angle twice -> [N, Dh/2]
-        o = self.attention.attend(q, k, v, (cos, sin), self.frames["num_frames"])
+        o, _ = self.attention.attend(q, k, v, (cos, sin), self.frames["num_frames"])
         return attn.to_out[1](attn.to_out[0](o.type_as(q)))
 
 

@@ -181,6 +181,27 @@ def test_whole_model_traces_without_graph_breaks():
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan(monkeypatch):
+    """A graph per mask entry: past dynamo's recompile limit (8 per function) the blocks would quietly run eager,
+    so compile_blocks raises it. A plan of 10 distinct entries at 12 frames: 10 graphs, the eager model's output."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default, whatever ran before
+    m = tiny(mask_plan=[*range(1, 10), "full"], depth=10)
+    x, t, ids, mask = inputs(m, T=12)
+    with torch.no_grad():
+        reference = m(x, t, ids, mask)
+        m.compile_blocks()
+        torch._dynamo.reset()
+        counters.clear()
+        for block in m.blocks:  # compile_blocks' settings, kernels eager (quick on a CPU)
+            block._compiled_call_impl = None
+            block.compile(backend="aot_eager", dynamic=False)
+        out = m(x, t, ids, mask)
+    assert counters["stats"]["unique_graphs"] == 10, dict(counters["stats"])
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_blocks_take_their_block_masks_as_inputs(monkeypatch):
     """Where the flash backend runs a sparse layer, DiT.block_masks makes its BlockMask before the compiled blocks,
     which take it as an input: no graph break (looked up inside a block, it broke the block's graph, and inside an

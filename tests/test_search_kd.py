@@ -106,7 +106,7 @@ def test_attention_recording_is_scoped_and_pairs_layers_strictly():
     recorder = distill.AttentionRecorder(m, detach=True)
     with torch.no_grad(), recorder:
         v = m(x, t, ids, mask)
-    assert len(recorder.outputs) == 3 and all(b.attn.observer is None for b in m.blocks)
+    assert len(recorder.outputs) == 3 and m.recorder is None
     with torch.no_grad():
         m(x, t, ids, mask)  # a forward outside the context records nothing
     assert len(recorder.outputs) == 3
@@ -115,27 +115,33 @@ def test_attention_recording_is_scoped_and_pairs_layers_strictly():
         distill.kd_loss(v, v, recorder.outputs, recorder.outputs[:2], 1.0, 1.0)
 
 
-def test_recording_inside_compiled_checkpointed_blocks_breaks_no_graph_and_keeps_gradients():
-    """Stage 3 records every layer's attention output inside the compiled blocks' activation checkpoints: dynamo
-    refuses that side effect there unless told not to replay it in the recompute (DiT.compile_blocks), and a graph
-    break inside the checkpoint would hide FA4 from the policy. Compiled (dynamo, eager kernels: a CPU runs no
-    compiled backward of these), each checkpoint policy records each layer once, breaks no graph, and gives the
-    eager model's loss and gradients."""
+def test_recording_from_compiled_checkpointed_blocks_compiles_once_and_keeps_gradients():
+    """Stage 3 records every layer's attention output from compiled blocks under activation checkpointing. The
+    blocks return it (DiT.forward records it, outside them): an observer appending to one list inside them broke
+    the checkpoint's graph, and made dynamo guard on the list's length, compiling the block once per layer until
+    its recompile limit (8) left the deeper layers eager. Here, 10 layers: one graph per mask entry and grad mode
+    (the student's two entries, the teacher's full attention), no graph break, each layer recorded once, and the
+    eager model's loss and gradients under both policies (dynamo with eager kernels: a CPU runs no compiled
+    backward of these)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from model import DiT, model_config
     torch.manual_seed(0)
-    m = DiT(model_config("tiny", hidden=64, heads=2, depth=3), mask_plan=[1, "full", 2], attn_backend="gather")
+    cfg = model_config("tiny", hidden=64, heads=2, depth=10)
+    m = DiT(cfg, mask_plan=[1, 2] * 5, attn_backend="gather")
+    teacher = DiT(cfg, attn_backend="gather").requires_grad_(False)
     x, t = torch.randn(1, 3, 4, 16, 16), torch.rand(1)
     ids, mask = m.tokenize(["a red circle moving left"])
-    recorder = distill.AttentionRecorder(m, detach=False)
+    recorder, teacher_recorder = distill.AttentionRecorder(m, detach=False), distill.AttentionRecorder(teacher, True)
 
     def step():
         m.zero_grad(set_to_none=True)
+        with torch.no_grad(), teacher_recorder:
+            target = teacher(x, t, ids, mask)
         with recorder:
             out = m(x, t, ids, mask)
-        loss = out.square().mean() + sum(o.square().mean() for o in recorder.outputs)
+        loss = distill.kd_loss(out, target, recorder.outputs, teacher_recorder.outputs, 1.0, 1.0)
         loss.backward()
         return loss.detach(), len(recorder.outputs), [p.grad.clone() for p in m.blocks.parameters()]
 
@@ -144,15 +150,14 @@ def test_recording_inside_compiled_checkpointed_blocks_breaks_no_graph_and_keeps
         torch._dynamo.reset()
         counters.clear()
         m.set_checkpointing(policy)
-        for block in m.blocks:
-            block._compiled_call_impl = None
-        m.compile_blocks()
-        for block in m.blocks:  # compile_blocks' settings, with kernels dynamo's CPU backward can run
+        for block in [*m.blocks, *teacher.blocks]:  # compile_blocks, with kernels dynamo's CPU backward can run
             block._compiled_call_impl = None
             block.compile(backend="aot_eager", dynamic=False)
-        loss, recorded, grads = step()
+        for _ in range(2):
+            loss, recorded, grads = step()
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-        assert recorded == 3 and torch.allclose(loss, reference[0], rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+        assert recorded == 10 and torch.allclose(loss, reference[0], rtol=1e-5)
         for a, b in zip(grads, reference[2], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
