@@ -181,15 +181,14 @@ def test_whole_model_traces_without_graph_breaks():
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
-def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan(monkeypatch):
+def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan():
     """A graph per mask entry: past dynamo's recompile limit (8 per function) the blocks would quietly run eager,
     so compile_blocks raises it. A plan of 10 distinct entries at 12 frames: 10 graphs, the eager model's output."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # dynamo's default, whatever ran before
     m = tiny(mask_plan=[*range(1, 10), "full"], depth=10)
     x, t, ids, mask = inputs(m, T=12)
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
         reference = m(x, t, ids, mask)
         m.compile_blocks()
         torch._dynamo.reset()
