@@ -237,11 +237,6 @@ def flash_block_size(device, head_dim: int = 128, needs_grad: bool = True) -> tu
     return (192, 128) if head_dim <= 64 else (192, 144)
 
 
-@torch.compiler.assume_constant_result  # a compiled block bakes it in
-def _flash_block_size_for(device: str, head_dim: int, needs_grad: bool) -> tuple[int, int]:
-    return flash_block_size(device, head_dim, needs_grad)
-
-
 @torch.compiler.disable  # eager and cached: DiT.block_masks makes them before the compiled blocks, which take them
 def flash_block_mask(num_frames: int, tokens_per_frame: int, num_ref: int, device, head_dim: int = 128,
                      needs_grad: bool = True) -> BlockMask | None:
@@ -521,7 +516,7 @@ def tile_attention(q, k, v, num_frames: int, num_ref: int, backend: str = "auto"
         # a mask made for the other tile (forward-only or training) is made again; checked eagerly only: compiled
         # blocks take theirs from DiT.block_masks, and dynamo on torch 2.11 fails comparing a BlockMask's size
         stale = block_mask is not None and not torch.compiler.is_compiling() and \
-            block_mask.BLOCK_SIZE != _flash_block_size_for(str(q.device), q.shape[-1], needs_grad)
+            block_mask.BLOCK_SIZE != flash_block_size(q.device, q.shape[-1], needs_grad)
         if block_mask is None or stale:
             block_mask = flash_block_mask(num_frames, N // num_frames, num_ref, q.device, q.shape[-1], needs_grad)
         if block_mask is not None:
