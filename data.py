@@ -97,12 +97,17 @@ def positions(params, num_frames=16):
     return start[:, None] + step[:, None] * distance[:, None, None] * t[None, :, None]
 
 
+def pixel_centres(size, device=None):
+    """[size] the centres of a frame's pixel rows (or columns), fractions of the side."""
+    return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+
+
 def shape_masks(shape, side, pos, size=32):
     """Each video's object as a bool mask [n, T, H, W]: shape [n] (index into SHAPES), side [n] and pos [n, T, 2]
     (its bbox top-left corner per frame) in fractions of the frame side, on pos's device."""
     device = pos.device
     s = side.to(device)[:, None, None, None]  # [n, 1, 1, 1]
-    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size  # pixel centres
+    c = pixel_centres(size, device)
     dx = c[None, None, None, :] - pos[..., 0, None, None]  # [n, T, 1, W] from the bbox left edge
     dy = c[None, None, :, None] - pos[..., 1, None, None]  # [n, T, H, 1] from the bbox top edge
     in_x, in_y = (dx >= 0) & (dx <= s), (dy >= 0) & (dy <= s)
@@ -243,11 +248,12 @@ def render_bounce(params, num_frames=BOUNCE_FRAMES, size=32, device=None):
     device = device if device is not None else "cpu"
     pos = bounce_positions(params, num_frames)
     video = torch.full((len(pos), 3, num_frames, size, size), -1.0, device=device)
+    colours = colour_table(device)
     for i in range(2):
         mask = shape_masks(params["shape"][:, i], params["size"][:, i], pos[:, i].to(device), size)  # [n, T, H, W]
-        rgb = colour_table(device)[params["colour"][:, i].to(device)]
+        rgb = colours[params["colour"][:, i].to(device)]
         video = torch.where(mask[:, None], rgb[:, :, None, None, None], video)
-    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size
+    c = pixel_centres(size, device)
     curtain = (c >= CURTAIN[0]) & (c <= CURTAIN[1])
     video[..., curtain] = CURTAIN_GREY
     return video

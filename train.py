@@ -518,7 +518,7 @@ class Parts:
     ema: DiT
     wrapped: torch.nn.Module  # the model as the objective calls it: in DDP (torchrun without fsdp), or as is
     opt: torch.optim.Optimizer
-    dataset: object  # None: a built-in domain, rendered per sample
+    dataset: object  # None: a built-in domain, rendered on the fly (get_batch)
     null_text: tuple | None  # the data's empty-caption embedding (data.py's null.safetensors)
     local_batch: int  # this data-parallel group's share of batch_size
     micro_batch: int
