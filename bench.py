@@ -369,24 +369,31 @@ def bench_model(args):
     model, x, text, mask = bench_model_inputs(args, dev, dtype)
     T = x.shape[2] // model.cfg.patch_size[0]
     rows, reference = bench_diffusers(model, x, text, args) if args.diffusers else ([], None)
-    runs = [(backend, False) for backend in args.backend]
+    runs = [(backend, "") for backend in args.backend]
     if dev == "cuda" and attention.flash_available(dev, dtype, model.cfg.head_dim) and not args.diffusers:
-        runs.append(("gather", True))  # full attention on cuDNN (FA4 off): the line the field compares against
-    for backend, cudnn in runs:
+        runs.append(("gather", "cudnn"))  # full attention on cuDNN (FA4 off): the line the field compares against
+    if args.fp8:
+        runs.append((args.backend[0], "fp8"))  # last: quantising is for good
+    cudnn_row = None
+    for backend, mode in runs:
         model.set_attn_backend(backend)
+        if mode == "fp8":
+            model.use_fp8()
         first = len(rows)
-        with fa4_off() if cudnn else contextlib.nullcontext():
-            print(f"attention ({'cuDNN, FA4 off' if cudnn else backend}): {kernel_line(model, backend, args)}")
-            for name, (plan, sparsity) in model_plans(T, model.cfg.depth, () if cudnn else args.sparsity).items():
+        label = {"": backend, "cudnn": "cuDNN (FA4 off)", "fp8": f"{backend}, fp8 linear"}[mode]
+        with fa4_off() if mode == "cudnn" else contextlib.nullcontext():
+            print(f"attention ({label}): {kernel_line(model, backend, args)}")
+            for name, (plan, sparsity) in model_plans(T, model.cfg.depth, () if mode == "cudnn" else args.sparsity).items():
                 model.set_mask_plan(plan)
                 torch._dynamo.reset()
                 ms = forward_ms(model, x, text, mask, args)
                 split = profile_split(model_call(model, x, text, mask, args))
                 rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
                              "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
-                             "compiled": args.compile, "backend": "cuDNN (FA4 off)" if cudnn else backend,
-                             **(split if args.profile else {})})
+                             "compiled": args.compile, "backend": label, **(split if args.profile else {})})
                 rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
+            if mode == "cudnn":
+                cudnn_row = rows[-1]
             if reference is not None and plan == ["full"]:
                 out = model_call(model, x, text, mask, args)().float()
                 rows[-1]["max_diff_vs_diffusers"] = fmt((out - reference.float()).abs().max().item(), 4)
@@ -395,15 +402,15 @@ def bench_model(args):
         r.update({"model": args.model if not args.tiny else f"tiny {args.model}", "layers": model.cfg.depth,
                   "latents": "x".join(map(str, x.shape[1:])), "tokens": x[0, 0].numel() // math.prod(model.cfg.patch_size)})
         r["speedup"] = fmt(rows[0]["ms"] / r["ms"])  # against the first row: diffusers eager, or full attention
-        if runs[-1][1]:
-            r["vs_cudnn_full"] = fmt(rows[-1]["ms"] / r["ms"])
+        if cudnn_row is not None:
+            r["vs_cudnn_full"] = fmt(cudnn_row["ms"] / r["ms"])
         if args.diffusers:
             r["vs_diffusers_compiled"] = fmt(rows[1]["ms"] / r["ms"])
     split = SPLIT_COLS if args.profile else []
     print(f"ms per {'forward + backward' if args.backward else 'forward'}; speedup against the first row")
     print_table(rows, ["model", "layers", "latents", "tokens", "plan", "sparsity%", "ms", "attention%", "speedup"]
                 + (["vs_diffusers_compiled", "max_diff_vs_diffusers", "rel_l2_vs_diffusers"] if args.diffusers else [])
-                + ["vs_cudnn_full"] * runs[-1][1] + ["vs_full_same_backend", "compiled", "backend"] + split)
+                + ["vs_cudnn_full"] * (cudnn_row is not None) + ["vs_full_same_backend", "compiled", "backend"] + split)
     return rows
 
 
@@ -447,7 +454,8 @@ def host_syncs(fn) -> str:
 
 def bench_e2e(args):
     """Seconds per video = forwards x ms per forward (measured at batch 2 for CFG, 1 without), OSP-1.2 shape:
-    the base recipe (full attention, on the first --backend), then the student recipes on every --backend."""
+    the base recipe (full attention, on the first --backend), then the student recipes on every --backend (and, with
+    --fp8, again on the first with float8 linear layers: last, since quantising is for good)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model, x, text, mask = bench_model_inputs(args, dev, dtype)
@@ -455,9 +463,13 @@ def bench_e2e(args):
     plans = model_plans(T, model.cfg.depth, args.sparsity)
     recipes = [("base", args.base_steps, True, "full", args.backend[0])] + [
         ("student", args.student_steps, False, p, b) for b in args.backend for p in plans]
+    fp8 = f"{args.backend[0]}, fp8 linear"
+    recipes += [("student", args.student_steps, False, p, fp8) for p in plans] if args.fp8 else []
     rows, seconds = [], []  # seconds unrounded: a tiny CPU run's s/video rounds to 0.00
-    for name, steps, cfg, plan_name, backend in recipes:
-        model.set_attn_backend(backend)
+    for i, (name, steps, cfg, plan_name, backend) in enumerate(recipes):
+        if backend == fp8 and recipes[i - 1][4] != fp8:
+            model.use_fp8()
+        model.set_attn_backend(args.backend[0] if backend == fp8 else backend)
         model.set_mask_plan(plans[plan_name][0])
         torch._dynamo.reset()
         ms = forward_ms(model, x, text, mask, args, batch=2 if cfg else 1)
@@ -782,6 +794,8 @@ def main(argv=None):
     p.add_argument("--backend", default=["auto"], nargs="+", choices=BACKENDS,
                    help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
     p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")
+    p.add_argument("--fp8", action="store_true", help="model, e2e: the plans again with float8 linear layers "
+                   "(DiT.use_fp8, torchao; a GPU of sm89 or newer), after the bf16 rows")
     p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 2, 3], help="train: the stages")
     p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size (at most the GPU count of a run)")
     p.add_argument("--fsdp", action="store_true", help="train: fsdp=true (FSDP2 over every rank)")
@@ -804,6 +818,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.json:
         check_output_path(args.json)
+    if args.fp8 and (args.mode not in ("model", "e2e") or args.backward or not torch.cuda.is_available()):
+        raise UserError("--fp8 times sampling forwards on a GPU: modes model and e2e, without --backward")
     if args.mode == "sp" and "RANK" not in os.environ:  # the process counts, checked before any is started
         from parallel import check_heads
         for n in args.gpus:

@@ -338,6 +338,9 @@ def main(argv=None):
                     help="fidelity: PSNR and SSIM against this model's videos (its own saved plan and sampler, "
                          "with --steps, --cfg and --shift where given) of the same prompts, seeds and noise, e.g. "
                          "the full-attention model")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp8"),
+                    help="the checkpoint's weights (not --reference's): fp32, bf16, or fp8 linear layers on a GPU "
+                         "(DiT.use_fp8, torchao)")
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
@@ -388,12 +391,14 @@ def evaluate_checkpoint(args):
     import flow
     import parallel
     from attention import load_plan
-    from model import load_model
+    from model import PRECISIONS, load_model
     if any(shift == 0 for shift in args.shift if shift is not None):
         raise UserError("--shift must be > 0")
     device = parallel.pick_device(args.device)
     plan = load_plan(args.plan) if args.plan else None
-    model, meta = load_model(args.checkpoint, device)
+    model, meta = load_model(args.checkpoint, device, PRECISIONS[args.precision])
+    if args.precision == "fp8":
+        model.use_fp8()
     if plan is not None:
         model.set_mask_plan(plan)
     domain = checkpoint_domain(meta)
@@ -419,7 +424,8 @@ def evaluate_checkpoint(args):
                 references[key] = sample_all(sampler(reference, ref_meta, r, args, args.reference, first=1), prompts,
                                              args.batch_size)
             result.update(fidelity(videos, references[key]), reference=args.reference)
-        row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "kind": meta.get("kind", "?"),
+        row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "precision": args.precision,
+               "kind": meta.get("kind", "?"),
                "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
                "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
                f"s_per_video_{device.type}_batch{args.batch_size}": per_video}

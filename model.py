@@ -103,6 +103,8 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # sampling: weights loaded in
+# this dtype; fp8 then quantises the blocks' Linear layers (DiT.use_fp8)
 RUN_SETTINGS = ("mask_plan", "attn_backend")  # how a model runs: saved beside its config, not in it
 
 
@@ -267,14 +269,16 @@ class MLP(nn.Sequential):
     (the GELU in the matmul's epilogue, as torch's CUDA addmm offers it, in tanh form), so the wide hidden
     activation is written once, not written, read and written again (osp12, 29 frames: the GELU kernel took 11.8 of
     the 53 ms outside matmuls and attention; fused, the forward is 8 ms faster, BENCHMARKS.md). Training keeps the
-    two ops (the fused op has no backward); a CPU's version of the op computes the exact GELU, so CPUs keep them too."""
+    two ops (the fused op has no backward); a CPU's version of the op computes the exact GELU, so CPUs keep them too,
+    and so does a quantised weight (DiT.use_fp8), which the op cannot take."""
 
     def __init__(self, dim: int, width: int):
         super().__init__(nn.Linear(dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, dim))
 
     def forward(self, x):
         fc1, _, fc2 = self
-        if (x.is_cuda and not torch.is_grad_enabled() and x.dtype == fc1.weight.dtype
+        plain = type(fc1.weight) in (torch.Tensor, nn.Parameter)  # not a quantised tensor subclass
+        if (plain and x.is_cuda and not torch.is_grad_enabled() and x.dtype == fc1.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
             h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
             return fc2(h.unflatten(0, x.shape[:-1]))
@@ -438,6 +442,25 @@ class DiT(nn.Module):
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(dynamic=False)
+        return self
+
+    def use_fp8(self):
+        """Sampling with every block's Linear layers in float8 (torchao: e4m3 weights and activations, a scale per
+        row computed on the fly), in place and inference only. On one H200 the osp12 forward at 29 frames under a
+        ~55% plan fell from 462 to 369 ms, the matmuls from 187 to 91 ms, and the demo's judge stayed within its
+        seed-to-seed noise (BENCHMARKS.md). Needs torchao and a GPU with float8 matmuls (sm89+: Ada, Hopper,
+        Blackwell), the model in bf16; the quantisation of activations is a kernel of its own per matmul unless the
+        blocks are compiled (compile_blocks), which fuses it into its neighbours. -> self"""
+        weight = self.blocks[0].mlp[0].weight
+        if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device) < (8, 9):
+            raise UserError(f"fp8 needs a GPU with float8 matmuls (sm89 or newer); the model is on {weight.device}")
+        if weight.dtype != torch.bfloat16:
+            raise UserError(f"fp8 quantises a bf16 model; this one is {weight.dtype} (load it in bf16)")
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        except ImportError:
+            raise UserError("fp8 needs torchao: pip install -r requirements-gpu.txt") from None
+        quantize_(self.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
         return self
 
     def block_masks(self, grid, x) -> list:

@@ -30,7 +30,7 @@ from cli import (ArgumentParser, UserError, atomic_output, check_output_path, en
                  positive_int, seed_int)
 from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, read_null_text, save_animation,
                   to_uint8, unknown_words)
-from model import ModelConfig, load_model, read_metadata
+from model import PRECISIONS, ModelConfig, load_model, read_metadata
 from parallel import check_heads
 
 # the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
@@ -86,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="sample.gif", help="output file: .gif or .mp4 (or another animation format Pillow "
                                                        "writes, such as .webp); latents: .safetensors")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="the weights: fp32, bf16, or fp8 linear layers (a GPU of sm89 or newer, torchao; "
+                        "DiT.use_fp8). Default: bf16 for a model reading embeddings on a GPU (Wan), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (GPU; pays off over "
                                                           "many steps or videos)")
     args = p.parse_args(argv)
@@ -192,9 +195,11 @@ def main(argv=None):
     check_heads(meta["model_config"].get("heads", 1), world, "processes")
     try:
         dist = parallel.setup(args.device, sp_size=world)
-        # a model reading embeddings (Wan) runs in bf16 on a GPU, where FA4 takes it; the demo models in fp32
-        bf16 = embeds and dist.device.type == "cuda"
-        model, meta = load_model(args.checkpoint, dist.device, torch.bfloat16 if bf16 else torch.float32)
+        # by default a model reading embeddings (Wan) runs in bf16 on a GPU, where FA4 takes it; the demo models in fp32
+        precision = args.precision or ("bf16" if embeds and dist.device.type == "cuda" else "fp32")
+        model, meta = load_model(args.checkpoint, dist.device, PRECISIONS[precision])
+        if precision == "fp8":
+            model.use_fp8()
         pipe = wan.load_pipeline(args.pipeline, dist.device) if args.pipeline else None
         prompts, null = text_inputs(args, meta, model, pipe, sampler["cfg"] != 1.0)
         if model.cfg.reads_captions:

@@ -56,7 +56,9 @@ def cases(tmp):
         out += [([py("sample.py"), "--prompt", "a red circle", "--device", "cuda"], "cuda"),
                 ([py("evaluate.py"), "--checkpoint", os.path.join(ROOT, "checkpoints", "mlcd.safetensors"),
                   "--device", "cuda"], "cuda"),
-                ([py("train.py"), os.path.join(CFG, "stage0.yaml"), "device=cuda"], "cuda")]
+                ([py("train.py"), os.path.join(CFG, "stage0.yaml"), "device=cuda"], "cuda"),
+                ([py("sample.py"), "--prompt", "a red circle", "--precision", "fp8"], "fp8"),
+                ([py("bench.py"), "model", "--tiny", "--fp8"], "--fp8")]
     return out
 
 
