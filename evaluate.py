@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cli import (ArgumentParser, UserError, WriteError, check_output_path, entry_point, non_negative_float,
                  positive_int, seed_int)
@@ -300,7 +301,8 @@ def sample_all(sample_fn, prompts, batch_size=16):
     CPU."""
     prompts = list(prompts)
     videos = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc="sampling", unit="batch", leave=False,
+                  disable=len(prompts) <= batch_size):
         chunk = prompts[i:i + batch_size]
         out = sample_fn(chunk)
         if out.shape[0] != len(chunk):

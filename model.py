@@ -449,8 +449,8 @@ class DiT(nn.Module):
         row computed on the fly), in place and inference only. On one H200 the osp12 forward at 29 frames under a
         ~55% plan fell from 462 to 369 ms, the matmuls from 187 to 91 ms, and the demo's judge stayed within its
         seed-to-seed noise (BENCHMARKS.md). Needs torchao and a GPU with float8 matmuls (sm89+: Ada, Hopper,
-        Blackwell), the model in bf16; the quantisation of activations is a kernel of its own per matmul unless the
-        blocks are compiled (compile_blocks), which fuses it into its neighbours. -> self"""
+        Blackwell), the model in bf16. Compile the blocks afterwards (compile_blocks), as torchao's float8 recipes
+        expect: the figures above are compiled. -> self"""
         weight = self.blocks[0].mlp[0].weight
         if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device) < (8, 9):
             raise UserError(f"fp8 needs a GPU with float8 matmuls (sm89 or newer); the model is on {weight.device}")
