@@ -362,7 +362,8 @@ def bench_model(args):
     ~55% sparsity (--sparsity), on each --backend; the share of device time in attention kernels comes from
     profile_split. With --diffusers (a Wan preset), diffusers' own forward with the same weights first, eager and
     compiled, and the difference of our full-attention output from its eager one. Where FA4 runs, full attention on
-    cuDNN too (fa4_off), and every row's speed-up over it."""
+    cuDNN too (fa4_off), and every row's speed-up over it. With --fp8, the plans once more on the first backend with
+    float8 linear layers (DiT.use_fp8), last, since quantising is for good."""
     import attention
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" and not args.backward else torch.float32
