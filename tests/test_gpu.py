@@ -151,5 +151,5 @@ def test_fp8_linear_layers_stay_close_to_bf16_compiled_and_eager():
         eager = m(x, t, text, mask).float()
         compiled = m.compile_blocks()(x, t, text, mask).float()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    assert 0 < rel(eager, bf16) < 0.1, rel(eager, bf16)
-    assert rel(compiled, eager) < 0.02, rel(compiled, eager)
+    assert 0 < rel(eager, bf16) < 0.15, rel(eager, bf16)  # a wrong scale would be off by ~1
+    assert rel(compiled, eager) < 0.05, rel(compiled, eager)
