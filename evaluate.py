@@ -347,7 +347,9 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="append the result rows to this JSON-lines file")
     ap.add_argument("--n", type=positive_int, default=64, help="number of videos")
-    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--seed", type=seed_int, nargs="+", default=[0],
+                    help="each seed draws its own prompts and noise; with several, a last row gives the means and "
+                         "overall_spread (the judge's seed-to-seed noise)")
     ap.add_argument("--data", default="shapes", choices=list(DOMAINS), help="--dataset: the built-in domain")
     ap.add_argument("--num-frames", type=positive_int, default=None,
                     help="--dataset: frames (default: the domain's)")
@@ -357,10 +359,10 @@ def main(argv=None):
         check_output_path(args.json)
     if args.dataset:
         domain = DOMAINS[args.data]
-        videos, prompts = domain.batch(args.n, args.seed + VAL_SEED_OFFSET, args.num_frames or domain.num_frames,
-                                       args.size)
-        print_table(SCORES[args.data](videos, prompts),
-                    title=f"ground-truth {args.data} videos (seed {args.seed})")
+        for seed in args.seed:
+            videos, prompts = domain.batch(args.n, seed + VAL_SEED_OFFSET, args.num_frames or domain.num_frames,
+                                           args.size)
+            print_table(SCORES[args.data](videos, prompts), title=f"ground-truth {args.data} videos (seed {seed})")
         return
     evaluate_checkpoint(args)
 
@@ -404,48 +406,70 @@ def evaluate_checkpoint(args):
     if plan is not None:
         model.set_mask_plan(plan)
     domain = checkpoint_domain(meta)
-    prompts = DOMAINS[domain].prompts(args.n, args.seed)
     reference = None
     if args.reference:
         reference, ref_meta = load_model(args.reference, device)
         if ref_meta.get("video_shape") != meta.get("video_shape"):
             raise UserError(f"--reference {args.reference!r} makes videos {ref_meta.get('video_shape')}, the "
                             f"checkpoint {meta.get('video_shape')}: fidelity compares videos of one shape")
-        references = {}  # per resolved sampler setting: the reference's videos
+        references = {}  # per seed and resolved sampler setting: the reference's videos
     for steps, cfg, shift in itertools.product(args.steps, args.cfg, args.shift):
         s = flow.sampler_settings(meta, steps, cfg, shift)
-        sampler(model, meta, s, args, args.checkpoint, first=0)(prompts[:1])  # warm-up, out of the timing
-        t0 = time.time()
-        videos = sample_all(sampler(model, meta, s, args, args.checkpoint, first=1), prompts, args.batch_size)
-        per_video = (time.time() - t0) / len(prompts)
-        result = SCORES[domain](videos, prompts)
-        if reference is not None:  # the same prompts, noise seeds and --steps / --cfg / --shift (else its own)
-            r = flow.sampler_settings(ref_meta, steps, cfg, shift)
-            key = (r["steps"], r["cfg"], r["shift"])
-            if key not in references:
-                references[key] = sample_all(sampler(reference, ref_meta, r, args, args.reference, first=1), prompts,
-                                             args.batch_size)
-            result.update(fidelity(videos, references[key]), reference=args.reference)
-        row = {"checkpoint": args.checkpoint, "plan": args.plan or "", "precision": args.precision,
-               "kind": meta.get("kind", "?"),
-               "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
-               "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
-               f"s_per_video_{device.type}_batch{args.batch_size}": per_video}
-        print_table({k: v for k, v in row.items() if not k.endswith("_per_video")},
-                    title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}")
-        if args.json:
-            append_line(args.json, json.dumps(row))
+        rows = []
+        for seed in args.seed:  # each seed its own prompts and noise
+            prompts = DOMAINS[domain].prompts(args.n, seed)
+            if not rows:
+                sampler(model, meta, s, seed, args.checkpoint, first=0)(prompts[:1])  # warm-up, out of the timing
+            t0 = time.time()
+            videos = sample_all(sampler(model, meta, s, seed, args.checkpoint, first=1), prompts, args.batch_size)
+            per_video = (time.time() - t0) / len(prompts)
+            result = SCORES[domain](videos, prompts)
+            if reference is not None:  # the same prompts, noise seeds and --steps / --cfg / --shift (else its own)
+                r = flow.sampler_settings(ref_meta, steps, cfg, shift)
+                key = (seed, r["steps"], r["cfg"], r["shift"])
+                if key not in references:
+                    references[key] = sample_all(sampler(reference, ref_meta, r, seed, args.reference, first=1),
+                                                 prompts, args.batch_size)
+                result.update(fidelity(videos, references[key]), reference=args.reference)
+            rows.append({"checkpoint": args.checkpoint, "plan": args.plan or "", "precision": args.precision,
+                         "kind": meta.get("kind", "?"), "seed": seed,
+                         "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
+                         "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,
+                         f"s_per_video_{device.type}_batch{args.batch_size}": per_video})
+        if len(rows) > 1:
+            rows.append(seed_summary(rows))
+        for row in rows:
+            print_table({k: v for k, v in row.items() if not k.endswith("_per_video")},
+                        title=f"{args.checkpoint}: {s['steps']} steps, cfg {s['cfg']}, shift {row['shift']}, "
+                              f"seed {row['seed']}")
+            if args.json:
+                append_line(args.json, json.dumps(row))
 
 
-def sampler(model, meta, settings, args, name, first: int = 0):
+def seed_summary(rows: list[dict]) -> dict:
+    """Rows of one setting under several seeds -> one row: what they share, each number that varies as its mean
+    over the seeds (seed "mean"), and overall_spread, the largest minus the smallest overall score: the judge's
+    seed-to-seed noise for this model."""
+    numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    summary = {}
+    for k, v in rows[0].items():
+        values = [r[k] for r in rows]
+        if all(x == v for x in values):
+            summary[k] = v
+        elif all(map(numeric, values)):
+            summary[k] = sum(values) / len(values)
+    overall = [r["overall"] for r in rows]
+    return {**summary, "seed": "mean", "seeds": [r["seed"] for r in rows], "overall_spread": max(overall) - min(overall)}
+
+
+def sampler(model, meta, settings, seed: int, name, first: int = 0):
     """-> sample_fn(prompts) -> videos: the model under its sampler settings; the noise of its i-th call (from 0)
-    is seeded args.seed * SEED_STRIDE + first + i, the same for every model, so a reference sees the same noise."""
+    is seeded seed * SEED_STRIDE + first + i, the same for every model, so a reference sees the same noise."""
     import flow
     batches = itertools.count(first)
 
     def sample_fn(chunk):
-        seed = args.seed * SEED_STRIDE + next(batches)
-        videos = flow.generate(model, chunk, meta["video_shape"], settings, seed=seed)
+        videos = flow.generate(model, chunk, meta["video_shape"], settings, seed=seed * SEED_STRIDE + next(batches))
         if not torch.isfinite(videos).all():
             raise UserError(f"{name!r} samples nan or inf at steps {settings['steps']}, cfg {settings['cfg']}: "
                             "not scored")

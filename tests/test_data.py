@@ -246,6 +246,26 @@ def test_evaluate_reports_fidelity_against_a_reference_on_the_same_noise(tmp_pat
     assert len(sparse["psnr_per_video"]) == 3 and sparse["reference"] == mlcd
 
 
+def test_evaluate_under_several_seeds_repeats_each_alone_and_adds_their_mean_and_spread(tmp_path):
+    """evaluate.py --seed 1 2: the two rows are what --seed 1 and --seed 2 give alone (own prompts and noise), and
+    a last row holds their means and the overall score's spread, computed here from the two rows."""
+    import evaluate
+    mlcd = os.path.join(ROOT, "checkpoints", "mlcd.safetensors")
+    common = ["--checkpoint", mlcd, "--n", "3", "--batch-size", "2", "--steps", "2"]
+    rows = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    evaluate.main(common + ["--seed", "1", "2", "--json", str(tmp_path / "both.jsonl")])
+    for seed in (1, 2):
+        evaluate.main(common + ["--seed", str(seed), "--json", str(tmp_path / "alone.jsonl")])
+    both, alone = rows(tmp_path / "both.jsonl"), rows(tmp_path / "alone.jsonl")
+    timing = lambda r: {k: v for k, v in r.items() if not k.startswith("s_per_video")}  # noqa: E731
+    assert [timing(r) for r in both[:2]] == [timing(r) for r in alone] and [r["seed"] for r in alone] == [1, 2]
+    mean = both[2]
+    assert mean["seed"] == "mean" and mean["seeds"] == [1, 2] and mean["steps"] == 2
+    for k in ("colour", "shape", "direction", "overall"):
+        assert mean[k] == pytest.approx((alone[0][k] + alone[1][k]) / 2)
+    assert mean["overall_spread"] == pytest.approx(abs(alone[0]["overall"] - alone[1]["overall"]))
+
+
 def test_bounce_paths_turn_at_the_walls():
     """bounce_path against a step-by-step simulation: move, and where the object passes a wall, mirror it back."""
     from data import bounce_path
