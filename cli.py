@@ -19,6 +19,10 @@ import sys
 import time
 
 
+PRECISIONS = ("fp32", "bf16", "fp8")  # sample.py / evaluate.py --precision: weights in fp32 or bf16, or bf16 with
+# float8 linear layers (model.load_model_in)
+
+
 class UserError(ValueError):
     """A mistake in the user's input: the message names the input and says what to do."""
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import (ArgumentParser, UserError, WriteError, check_output_path, entry_point, non_negative_float,
-                 positive_int, seed_int)
+from cli import (PRECISIONS, ArgumentParser, UserError, WriteError, check_output_path, entry_point,
+                 non_negative_float, positive_int, seed_int)
 from data import (COLOURS, CURTAIN, DIRECTIONS, DOMAINS, SHAPES, VAL_SEED_OFFSET, bounce_path, checkpoint_domain,
                   colour_table)
 
@@ -340,7 +340,7 @@ def main(argv=None):
                     help="fidelity: PSNR and SSIM against this model's videos (its own saved plan and sampler, "
                          "with --steps, --cfg and --shift where given) of the same prompts, seeds and noise, e.g. "
                          "the full-attention model")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp8"),
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS,
                     help="the checkpoint's weights (not --reference's): fp32, bf16, or fp8 linear layers on a GPU "
                          "(DiT.use_fp8, torchao)")
     ap.add_argument("--batch-size", type=positive_int, default=16)
@@ -395,14 +395,12 @@ def evaluate_checkpoint(args):
     import flow
     import parallel
     from attention import load_plan
-    from model import PRECISIONS, load_model
+    from model import load_model, load_model_in
     if any(shift == 0 for shift in args.shift if shift is not None):
         raise UserError("--shift must be > 0")
     device = parallel.pick_device(args.device)
     plan = load_plan(args.plan) if args.plan else None
-    model, meta = load_model(args.checkpoint, device, PRECISIONS[args.precision])
-    if args.precision == "fp8":
-        model.use_fp8()
+    model, meta = load_model_in(args.checkpoint, device, args.precision)
     if plan is not None:
         model.set_mask_plan(plan)
     domain = checkpoint_domain(meta)

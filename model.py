@@ -103,8 +103,6 @@ def model_config(preset: str = "demo", **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[preset], **overrides})
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # sampling: weights loaded in
-# this dtype; fp8 then quantises the blocks' Linear layers (DiT.use_fp8)
 RUN_SETTINGS = ("mask_plan", "attn_backend")  # how a model runs: saved beside its config, not in it
 
 
@@ -611,6 +609,15 @@ def load_model(path: str, device="cpu", dtype=torch.float32):
         return wan.load_diffusers(path, device, dtype)
     meta = read_metadata(path)
     return model_from_weights(meta, load_safetensors(path), path, device, dtype), meta
+
+
+def load_model_in(path: str, device, precision: str):
+    """load_model for sampling in one of cli.PRECISIONS: fp32 or bf16 weights, or bf16 with the blocks' Linear
+    layers in float8 (DiT.use_fp8)."""
+    model, meta = load_model(path, device, torch.float32 if precision == "fp32" else torch.bfloat16)
+    if precision == "fp8":
+        model.use_fp8()
+    return model, meta
 
 
 def load_safetensors(path: str) -> dict:

@@ -26,11 +26,11 @@ from tqdm import tqdm
 import flow
 import parallel
 from attention import describe_backend
-from cli import (ArgumentParser, UserError, atomic_output, check_output_path, entry_point, non_negative_float,
-                 positive_int, seed_int)
+from cli import (PRECISIONS, ArgumentParser, UserError, atomic_output, check_output_path, entry_point,
+                 non_negative_float, positive_int, seed_int)
 from data import (CAPTION_FORM, COLOURS, DIRECTIONS, SHAPES, normalize_prompt, read_null_text, save_animation,
                   to_uint8, unknown_words)
-from model import PRECISIONS, ModelConfig, load_model, read_metadata
+from model import ModelConfig, load_model_in, read_metadata
 from parallel import check_heads
 
 # the shipped checkpoints (checkpoints/README.md): stage 3, stage 1 and stage 0 of the recipe
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="sample.gif", help="output file: .gif or .mp4 (or another animation format Pillow "
                                                        "writes, such as .webp); latents: .safetensors")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the weights: fp32, bf16, or fp8 linear layers (a GPU of sm89 or newer, torchao; "
                         "DiT.use_fp8). Default: bf16 for a model reading embeddings on a GPU (Wan), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's blocks (GPU; pays off over "
@@ -197,9 +197,7 @@ def main(argv=None):
         dist = parallel.setup(args.device, sp_size=world)
         # by default a model reading embeddings (Wan) runs in bf16 on a GPU, where FA4 takes it; the demo models in fp32
         precision = args.precision or ("bf16" if embeds and dist.device.type == "cuda" else "fp32")
-        model, meta = load_model(args.checkpoint, dist.device, PRECISIONS[precision])
-        if precision == "fp8":
-            model.use_fp8()
+        model, meta = load_model_in(args.checkpoint, dist.device, precision)
         pipe = wan.load_pipeline(args.pipeline, dist.device) if args.pipeline else None
         prompts, null = text_inputs(args, meta, model, pipe, sampler["cfg"] != 1.0)
         if model.cfg.reads_captions:
