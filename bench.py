@@ -275,6 +275,7 @@ _KINDS = [("comm", r"nccl|all_to_all|alltoall|gloo|c10d"),
           ("attention", r"attention|fmha|flash|sdpa|cudnn|triton_tem"),
           ("matmul", r"gemm|xmma|cutlass|nvjet|aten::(add|b)?mm$")]
 SPLIT_COLS = [f"{kind}_ms" for kind, _ in _KINDS] + ["other_ms"]  # profile_split's keys
+OTHER_TOP = 8  # bench.py model --profile lists this many of the dearest other kernels per row
 
 
 def kernel_kind(name: str) -> str:
@@ -283,9 +284,10 @@ def kernel_kind(name: str) -> str:
     return next((k for k, pattern in _KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
 
 
-def profile_split(call):
+def profile_split(call, top: int = 0):
     """One profiled call: its own device time (GPU kernels; CPU ops on a CPU) in ms, split into
-    communication, attention, matmuls and the rest, by kernel / op name."""
+    communication, attention, matmuls and the rest, by kernel / op name. top > 0 adds "other_top": the `top`
+    dearest kernels of the rest, [name (cut to 60 characters), ms, calls], dearest first: where fusion can go."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     call()
@@ -293,13 +295,17 @@ def profile_split(call):
         call()
         if cuda:
             torch.cuda.synchronize()
-    split = dict.fromkeys(SPLIT_COLS, 0.0)
+    split, other = dict.fromkeys(SPLIT_COLS, 0.0), []
     for e in prof.key_averages():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
             continue  # an op or compiled region on the CPU side: its kernels are counted as kernels
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
-        split[f"{kernel_kind(e.key)}_ms"] += us / 1e3
-    return {k: fmt(v, 1) for k, v in split.items()}
+        kind = kernel_kind(e.key)
+        split[f"{kind}_ms"] += us / 1e3
+        if kind == "other":
+            other.append([e.key[:60], fmt(us / 1e3, 2), e.count])
+    split = {k: fmt(v, 1) for k, v in split.items()}
+    return {**split, "other_top": sorted(other, key=lambda o: -o[1])[:top]} if top else split
 
 
 def kernel_line(model, backend, args) -> str:
@@ -388,9 +394,9 @@ def bench_model(args):
                 model.set_mask_plan(plan)
                 torch._dynamo.reset()
                 ms = forward_ms(model, x, text, mask, args)
-                split = profile_split(model_call(model, x, text, mask, args))
+                split = profile_split(model_call(model, x, text, mask, args), top=OTHER_TOP * args.profile)
                 rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
-                             "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                             "attention%": fmt(100 * split["attention_ms"] / max(sum(split[k] for k in SPLIT_COLS), 1e-9), 1),
                              "compiled": args.compile, "backend": label, **(split if args.profile else {})})
                 rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
             if mode == "cudnn":
@@ -412,6 +418,9 @@ def bench_model(args):
     print_table(rows, ["model", "layers", "latents", "tokens", "plan", "sparsity%", "ms", "attention%", "speedup"]
                 + (["vs_diffusers_compiled", "max_diff_vs_diffusers", "rel_l2_vs_diffusers"] if args.diffusers else [])
                 + ["vs_cudnn_full"] * (cudnn_row is not None) + ["vs_full_same_backend", "compiled", "backend"] + split)
+    for r in rows if args.profile else ():
+        print(f"{r['plan']} ({r['backend']}): the dearest other kernels, ms (calls): "
+              + "; ".join(f"{name} {ms} ({n})" for name, ms, n in r.get("other_top", [])))
     return rows
 
 

@@ -155,3 +155,24 @@ def test_trace_split_timeline_against_a_rasterised_one(tmp_path, monkeypatch):
     assert split["exposed_comm_ms"] == pytest.approx(ms(comm & ~compute)) and split["exposed_comm_ms"] > 0
     assert split["idle_ms"] == pytest.approx(500 - ms(comm | compute))
     assert split["comm_ms"] == pytest.approx(sum(k["dur"] for k in kernels if k["name"].startswith("nccl")) / 2)
+
+
+def test_profile_split_names_the_dearest_other_kernels():
+    """On a CPU the split is by op: a call with one matmul and layer norms of very different sizes puts the
+    matmul under matmul_ms, and other_top lists the big norm before the small one, dearest first, within
+    other_ms; without top there is no list."""
+    a, w = torch.randn(64, 64), torch.randn(64, 64)
+    big, small = torch.randn(256, 4096), torch.randn(4, 8)
+
+    def call():
+        a @ w
+        torch.nn.functional.layer_norm(big, (4096,))
+        torch.nn.functional.gelu(small)
+
+    split = bench.profile_split(call, top=2)
+    names = [name for name, _, _ in split["other_top"]]
+    assert len(names) == 2 and names[0] == "aten::native_layer_norm", split["other_top"]
+    ms = [m for _, m, _ in split["other_top"]]
+    assert ms == sorted(ms, reverse=True) and sum(ms) <= split["other_ms"] + 0.1
+    assert split["matmul_ms"] > 0 and all(not n.startswith("aten::mm") for n in names)
+    assert "other_top" not in bench.profile_split(call)
