@@ -16,7 +16,8 @@ Bouncing shapes (score_bounce): each captioned object found by its colour; shape
 Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4] [--cfg 5] [--shift 1 3]
                           [--plan P.yaml] [--reference R.safetensors] [--json out.json]
   scores a model (optionally under a stage-2 mask plan) on its domain's fixed validation prompts: one row per
-  (steps, cfg, shift) setting, with forward passes and seconds per video on the device used; with --reference,
+  (steps, cfg, shift) setting, with the mean attention sparsity it runs at, forward passes and seconds per video
+  on the device used; with --reference,
   PSNR and SSIM of its videos against the reference's on the same prompts, seeds and noise.
 Leaves out: FVD / CLIP-style metrics, motion smoothness beyond area_spread.
 """
@@ -394,7 +395,7 @@ def append_line(path: str, line: str):
 def evaluate_checkpoint(args):
     import flow
     import parallel
-    from attention import load_plan
+    from attention import load_plan, plan_sparsity
     from model import load_model, load_model_in
     if any(shift == 0 for shift in args.shift if shift is not None):
         raise UserError("--shift must be > 0")
@@ -404,6 +405,7 @@ def evaluate_checkpoint(args):
     if plan is not None:
         model.set_mask_plan(plan)
     domain = checkpoint_domain(meta)
+    sparsity = 100 * plan_sparsity(model.mask_plan, meta["video_shape"][1] // model.cfg.patch_size[0])
     reference = None
     if args.reference:
         reference, ref_meta = load_model(args.reference, device)
@@ -429,7 +431,8 @@ def evaluate_checkpoint(args):
                     references[key] = sample_all(sampler(reference, ref_meta, r, seed, args.reference, first=1),
                                                  prompts, args.batch_size)
                 result.update(fidelity(videos, references[key]), reference=args.reference)
-            rows.append({"checkpoint": args.checkpoint, "plan": args.plan or "", "precision": args.precision,
+            rows.append({"checkpoint": args.checkpoint, "plan": args.plan or "", "sparsity%": round(sparsity, 1),
+                         "precision": args.precision,
                          "kind": meta.get("kind", "?"), "seed": seed,
                          "steps": s["steps"], "cfg": s["cfg"], "shift": s["shift"],
                          "forward_passes": s["steps"] * (1 if s["cfg"] == 1.0 else 2), **result,

@@ -233,7 +233,8 @@ def test_ssim_against_a_window_by_window_computation():
 
 def test_evaluate_reports_fidelity_against_a_reference_on_the_same_noise(tmp_path):
     """evaluate.py --reference: the model sampled against itself is identical (same prompts, seeds and noise: PSNR
-    at the cap, SSIM 1); under a sparse plan (no retraining) it drifts from its full-attention self."""
+    at the cap, SSIM 1); under a sparse plan (no retraining) it drifts from its full-attention self, and each row
+    gives the sparsity it ran at (the plan file's mean_sparsity, written by the search)."""
     import evaluate
     mlcd = os.path.join(ROOT, "checkpoints", "mlcd.safetensors")
     out = tmp_path / "rows.jsonl"
@@ -244,6 +245,7 @@ def test_evaluate_reports_fidelity_against_a_reference_on_the_same_noise(tmp_pat
     assert same["psnr"] == evaluate.PSNR_CAP and same["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert 5 < sparse["psnr"] < evaluate.PSNR_CAP and 0 < sparse["ssim"] < 1
     assert len(sparse["psnr_per_video"]) == 3 and sparse["reference"] == mlcd
+    assert same["sparsity%"] == 0 and sparse["sparsity%"] == pytest.approx(80.66, abs=0.05)  # the plan file's own
 
 
 def test_evaluate_under_several_seeds_repeats_each_alone_and_adds_their_mean_and_spread(tmp_path):
