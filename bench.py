@@ -354,7 +354,7 @@ def bench_diffusers(model, x, text, args) -> tuple[list, torch.Tensor]:
             print(f"diffusers {how} failed: {first_line(e)[:200]}", file=sys.stderr)
             rows.append({"plan": "full", "sparsity%": 0.0, "ms": float("nan"), "backend": f"diffusers {how} (failed)"})
             continue
-        split = profile_split(call)
+        split = profile_split(call, top=OTHER_TOP * args.profile)
         rows.append({"plan": "full", "sparsity%": 0.0, "ms": fmt(ms, 1), "backend": f"diffusers {how}",
                      "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
                      "compiled": how != "eager", **(split if args.profile else {})})
@@ -395,8 +395,9 @@ def bench_model(args):
                 torch._dynamo.reset()
                 ms = forward_ms(model, x, text, mask, args)
                 split = profile_split(model_call(model, x, text, mask, args), top=OTHER_TOP * args.profile)
+                device_ms = sum(split[k] for k in SPLIT_COLS)
                 rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
-                             "attention%": fmt(100 * split["attention_ms"] / max(sum(split[k] for k in SPLIT_COLS), 1e-9), 1),
+                             "attention%": fmt(100 * split["attention_ms"] / max(device_ms, 1e-9), 1),
                              "compiled": args.compile, "backend": label, **(split if args.profile else {})})
                 rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
             if mode == "cudnn":

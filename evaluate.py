@@ -17,8 +17,8 @@ Run:  python evaluate.py --checkpoint checkpoints/base.safetensors [--steps 50 4
                           [--plan P.yaml] [--reference R.safetensors] [--json out.json]
   scores a model (optionally under a stage-2 mask plan) on its domain's fixed validation prompts: one row per
   (steps, cfg, shift) setting, with the mean attention sparsity it runs at, forward passes and seconds per video
-  on the device used; with --reference,
-  PSNR and SSIM of its videos against the reference's on the same prompts, seeds and noise.
+  on the device used; with --reference, PSNR and SSIM of its videos against the reference's on the same
+  prompts, seeds and noise.
 Leaves out: FVD / CLIP-style metrics, motion smoothness beyond area_spread.
 """
 import itertools

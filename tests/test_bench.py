@@ -158,11 +158,11 @@ def test_trace_split_timeline_against_a_rasterised_one(tmp_path, monkeypatch):
 
 
 def test_profile_split_names_the_dearest_other_kernels():
-    """On a CPU the split is by op: a call with one matmul and layer norms of very different sizes puts the
-    matmul under matmul_ms, and other_top lists the big norm before the small one, dearest first, within
-    other_ms; without top there is no list."""
-    a, w = torch.randn(64, 64), torch.randn(64, 64)
-    big, small = torch.randn(256, 4096), torch.randn(4, 8)
+    """On a CPU the split is by op: a call with a matmul, a large layer norm and a tiny GELU puts the matmul under
+    matmul_ms, and other_top lists the norm first, dearest first, within other_ms; without top there is no
+    list."""
+    a, w = torch.randn(384, 384), torch.randn(384, 384)
+    big, small = torch.randn(1024, 4096), torch.randn(4, 8)
 
     def call():
         a @ w
