@@ -268,14 +268,14 @@ class MLP(nn.Sequential):
     activation is written once, not written, read and written again (osp12, 29 frames: the GELU kernel took 11.8 of
     the 53 ms outside matmuls and attention; fused, the forward is 8 ms faster, BENCHMARKS.md). Training keeps the
     two ops (the fused op has no backward); a CPU's version of the op computes the exact GELU, so CPUs keep them too,
-    and so does a quantised weight (DiT.use_fp8), which the op cannot take."""
+    and so does a float8 layer (DiT.use_fp8, use_fp8_training), which the op would bypass."""
 
     def __init__(self, dim: int, width: int):
         super().__init__(nn.Linear(dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, dim))
 
     def forward(self, x):
         fc1, _, fc2 = self
-        plain = type(fc1.weight) in (torch.Tensor, nn.Parameter)  # not a quantised tensor subclass
+        plain = type(fc1) is nn.Linear and type(fc1.weight) in (torch.Tensor, nn.Parameter)  # not a float8 one
         if (plain and x.is_cuda and not torch.is_grad_enabled() and x.dtype == fc1.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type)):
             h = torch._addmm_activation(fc1.bias, x.flatten(0, -2), fc1.weight.t(), use_gelu=True)
@@ -350,6 +350,13 @@ def tokenize(prompts: list[str], text_len: int):
 
 # ----------------------------------------------------------------------------------------------------------
 # The model
+
+def check_fp8(device: torch.device):
+    """A one-line error unless `device` runs float8 matmuls (a GPU of sm89 or newer: Ada, Hopper, Blackwell)."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError(f"fp8 needs a GPU with float8 matmuls (sm89 or newer), not {device}")
+
 
 class DiT(nn.Module):
     """The network of cfg, run with a mask plan (one Attention Tile entry per layer, attention.expand_plan) on an
@@ -450,15 +457,33 @@ class DiT(nn.Module):
         Blackwell), the model in bf16. Compile the blocks afterwards (compile_blocks), as torchao's float8 recipes
         expect: the figures above are compiled. -> self"""
         weight = self.blocks[0].mlp[0].weight
-        if weight.device.type != "cuda" or torch.cuda.get_device_capability(weight.device) < (8, 9):
-            raise UserError(f"fp8 needs a GPU with float8 matmuls (sm89 or newer); the model is on {weight.device}")
+        check_fp8(weight.device)
         if weight.dtype != torch.bfloat16:
             raise UserError(f"fp8 quantises a bf16 model; this one is {weight.dtype} (load it in bf16)")
         try:
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         except ImportError:
-            raise UserError("fp8 needs torchao: pip install -r requirements-gpu.txt") from None
+            raise UserError("fp8 needs torchao: pip install -r requirements.txt") from None
         quantize_(self.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return self
+
+    def use_fp8_training(self, emulate: bool = False):
+        """Training with every block's Linear layers computing their matmuls in float8 (torchao's Float8Linear,
+        the "rowwise" recipe: e4m3 inputs, weights and output gradients, a scale per row computed on the fly),
+        forward and backward; the weights, the optimizer and the checkpoints stay as they are (same state dict).
+        In place, before compile_blocks and FSDP. Needs a GPU with float8 matmuls (sm89+); emulate=True runs the
+        same casts with matmuls in high precision on any device (tests). -> self"""
+        if not emulate:
+            check_fp8(self.blocks[0].mlp[0].weight.device)
+        from dataclasses import replace
+        try:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        except ImportError:
+            raise UserError("fp8 needs torchao: pip install -r requirements.txt") from None
+        config = replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=emulate)
+        # float8 matmuls need both dimensions in multiples of 16
+        convert_to_float8_training(self.blocks, config=config,
+                                   module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
         return self
 
     def block_masks(self, grid, x) -> list:

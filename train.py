@@ -46,8 +46,8 @@ from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
 from data import (DOMAINS, NULL_FILE, check_shard_headers, checkpoint_domain, collate, open_dataset,
                   shard_paths)
-from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, config_dict, load_model, model_config, num_params,
-                   read_metadata)
+from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, check_fp8, config_dict, load_model, model_config,
+                   num_params, read_metadata)
 
 
 CPU_MICRO_BATCH = 8  # keeps a CPU run of the demo model near 4 GB of memory whatever the batch size
@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
             "compile", "activation_checkpointing", "checkpoint_policy", "run_dir", "device", "profile",
-            "attn_backend")
+            "attn_backend", "fp8")
 
 
 @dataclass
@@ -103,6 +103,8 @@ class TrainConfig:
     checkpoint_policy: str = "full"      # what it keeps: "full" (each block's input) or "save_attention"
                                          # (also the attention outputs: their forward runs once; model.py)
     bf16: bool = True                    # bf16 autocast (GPU only)
+    fp8: bool = False                    # the student's block matmuls in float8, forward and backward (torchao
+                                         # rowwise; a GPU of sm89 or newer: DiT.use_fp8_training)
     device: str = ""                     # empty: cuda if available
     sample_steps: int = 50               # the sampler a stage-0 checkpoint carries for sample.py
     sample_cfg: float = 5.0
@@ -322,7 +324,9 @@ def check_inputs(cfg: TrainConfig):
             raise UserError(f"data: {cfg.data!r} is not a folder; use {', '.join(map(repr, DOMAINS))}, "
                             "'synthetic' or a folder of safetensors shards")
         check_shard_headers(shard_paths(cfg.data))
-    parallel.pick_device(cfg.device or None)
+    device = parallel.pick_device(cfg.device or None)
+    if cfg.fp8:
+        check_fp8(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -529,7 +533,7 @@ class Parts:
 
 def build_student(cfg, dist) -> tuple[DiT, dict]:
     """The student: `init`'s weights (or a fresh cfg.model), stage 3's plan, the run's backend, on the device,
-    sequence-parallel, with activation checkpointing as asked. -> (model, init's metadata)"""
+    float8 matmuls and activation checkpointing as asked, sequence-parallel. -> (model, init's metadata)"""
     init_meta = {}
     if cfg.init:
         model, init_meta = load_model(cfg.init)
@@ -539,6 +543,8 @@ def build_student(cfg, dist) -> tuple[DiT, dict]:
         model.set_mask_plan(load_plan(cfg.kd_plan))
     model.set_attn_backend(cfg.attn_backend or model.attn_backend)
     model.to(dist.device).train()
+    if cfg.fp8:
+        model.use_fp8_training()
     model.enable_sequence_parallel(dist.sp_group)
     model.set_checkpointing(cfg.checkpoint_policy if cfg.activation_checkpointing else None)
     return model, init_meta
