@@ -834,8 +834,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.json:
         check_output_path(args.json)
-    if args.fp8 and (args.mode not in ("model", "e2e") or args.backward or not torch.cuda.is_available()):
-        raise UserError("--fp8 times sampling forwards on a GPU: modes model and e2e, without --backward")
+    if args.fp8 and (args.mode not in ("model", "e2e", "train") or args.backward):
+        raise UserError("--fp8 times sampling forwards (modes model and e2e, without --backward) and training steps "
+                        "(mode train)")
+    if args.fp8 and not torch.cuda.is_available():
+        raise UserError("--fp8 needs a GPU with float8 matmuls (sm89 or newer)")
     if args.mode == "sp" and "RANK" not in os.environ:  # the process counts, checked before any is started
         from parallel import check_heads
         for n in args.gpus:
