@@ -308,6 +308,11 @@ def profile_split(call, top: int = 0):
     return {**split, "other_top": sorted(other, key=lambda o: -o[1])[:top]} if top else split
 
 
+def attention_share(split: dict) -> float:
+    """The percentage of a profile_split's device time spent in attention kernels (its other_top list aside)."""
+    return fmt(100 * split["attention_ms"] / max(sum(split[k] for k in SPLIT_COLS), 1e-9), 1)
+
+
 def kernel_line(model, backend, args) -> str:
     import attention
     p = next(model.parameters())
@@ -356,7 +361,7 @@ def bench_diffusers(model, x, text, args) -> tuple[list, torch.Tensor]:
             continue
         split = profile_split(call, top=OTHER_TOP * args.profile)
         rows.append({"plan": "full", "sparsity%": 0.0, "ms": fmt(ms, 1), "backend": f"diffusers {how}",
-                     "attention%": fmt(100 * split["attention_ms"] / max(sum(split.values()), 1e-9), 1),
+                     "attention%": attention_share(split),
                      "compiled": how != "eager", **(split if args.profile else {})})
     d = None  # frees its weights before ours run
     torch._dynamo.reset()
@@ -395,9 +400,8 @@ def bench_model(args):
                 torch._dynamo.reset()
                 ms = forward_ms(model, x, text, mask, args)
                 split = profile_split(model_call(model, x, text, mask, args), top=OTHER_TOP * args.profile)
-                device_ms = sum(split[k] for k in SPLIT_COLS)
                 rows.append({"plan": name, "sparsity%": fmt(100 * sparsity, 1), "ms": fmt(ms, 1),
-                             "attention%": fmt(100 * split["attention_ms"] / max(device_ms, 1e-9), 1),
+                             "attention%": attention_share(split),
                              "compiled": args.compile, "backend": label, **(split if args.profile else {})})
                 rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
             if mode == "cudnn":
