@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import attention
 from attention import tile_attention, tile_dense_mask
+from conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not attention.flash_available("cuda", torch.bfloat16, 96),
@@ -131,16 +132,15 @@ def test_mlp_with_gelu_in_the_matmul_epilogue_equals_the_two_ops():
     assert err <= 1.5 * err_two + 1e-3, (err, err_two)
 
 
+SMALL = dict(hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)  # the FP8 tests' model (float8 matmuls
+# need sizes in multiples of 16), from conftest.tiny_model: random non-zero weights, so no block is hidden
+
+
 def test_fp8_linear_layers_stay_close_to_bf16_compiled_and_eager():
     """DiT.use_fp8 (torchao, rowwise float8) on a small model: the forward stays near the bf16 one (float8's e4m3
     keeps 3 mantissa bits, so a few percent), compiled equals eager, and the MLP leaves the fused GELU epilogue
     (which cannot take a float8 weight) for its two ops."""
-    from model import DiT, model_config
-    torch.manual_seed(0)
-    m = DiT(model_config("tiny", hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)).cuda().eval()
-    for p in m.parameters():  # the zero-initialised gates and output would hide the blocks
-        torch.nn.init.normal_(p, std=0.05)
-    m.to(torch.bfloat16)
+    m = tiny_model(**SMALL).cuda().to(torch.bfloat16)
     x = torch.randn(2, 3, 8, 32, 32, device="cuda", dtype=torch.bfloat16)
     t = torch.rand(2, device="cuda")
     text, mask = (a.cuda() for a in m.tokenize(["a red circle moving right", "a blue square"]))
@@ -161,11 +161,7 @@ def test_fp8_training_step_stays_close_to_bf16_compiled():
     import copy
 
     import flow
-    from model import DiT, model_config
-    torch.manual_seed(0)
-    base = DiT(model_config("tiny", hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)).cuda().train()
-    for p in base.parameters():  # the zero-initialised gates and output would hide the blocks
-        torch.nn.init.normal_(p, std=0.05)
+    base = tiny_model(**SMALL).cuda().train()
     fp8 = copy.deepcopy(base).use_fp8_training()
     g = torch.Generator(device="cuda").manual_seed(0)
     x0 = torch.randn(2, 3, 8, 32, 32, device="cuda", generator=g)
