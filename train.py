@@ -126,6 +126,7 @@ class TrainConfig:
     kd_plan: str = ""                    # a stage-2 plan.yaml
     kd_output_weight: float = 1.0
     kd_attn_weight: float = 1.0
+    kd_times: str = "uniform"            # "uniform" in (0, 1], or "sampler": the init's own sampling times only
 
 
 # the earlier names of the stage keys: configs, overrides and saved runs that use them still load
@@ -247,6 +248,8 @@ def make_config(values: dict) -> TrainConfig:
                         f"{cfg.checkpoint_policy!r}")
     if cfg.mlcd_target not in ("ema", "stopgrad") or cfg.mlcd_teacher_steps < cfg.mlcd_segments:
         raise UserError("mlcd_target must be 'ema' or 'stopgrad', and mlcd_teacher_steps >= mlcd_segments")
+    if cfg.kd_times not in ("uniform", "sampler"):
+        raise UserError(f"kd_times must be 'uniform' or 'sampler', got {cfg.kd_times!r}")
     return cfg
 
 
@@ -375,13 +378,13 @@ def learning_rate(cfg, step):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def draw_noise(cfg, x0, step, first):
-    """The times t [B] and noise eps (shaped like x0) of samples first .. first + B - 1 of a step, drawn
-    before the local batch is split into micro-batches."""
+def draw_noise(cfg, times, x0, step, first):
+    """The times t [B] (times: Parts.times) and noise eps (shaped like x0) of samples first .. first + B - 1 of
+    a step, drawn before the local batch is split into micro-batches."""
     ts, eps = [], []
     for j in range(x0.shape[0]):
         g = sample_generator(cfg, step, first + j, x0.device, NOISE)
-        ts.append(STAGES[cfg.stage].times(cfg, g, x0.device))
+        ts.append(times(g, x0.device))
         eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
     return torch.cat(ts), torch.stack(eps)
 
@@ -464,7 +467,7 @@ class Stage:
     needs: tuple = ()
     teacher_shares: tuple = ()  # (model keys the teacher must share with the student, why)
     guided_teacher: bool = False
-    times: Callable | None = None  # (cfg, generator, device) -> t [1]
+    times: Callable | None = None  # (cfg, the init checkpoint's metadata, generator, device) -> t [1]
     objective: Callable | None = None  # (cfg, parts, dist, compile) -> loss(x0, text, mask, t, eps)
     sampler: Callable | None = None  # (cfg, the init checkpoint's metadata) -> flow.euler_sampler(...)
     search: Callable | None = None  # (cfg, device, is_main) -> records
@@ -473,16 +476,25 @@ class Stage:
         return any(key in group for group in self.needs)
 
 
-def segment_times(cfg, g, device):
-    """Stages 1 and 3: a time uniform in (0, 1], every MLCD segment drawn equally often
-    (distill.sample_times)."""
+def segment_times(cfg, init, g, device):
+    """Stage 1: a time uniform in (0, 1], every MLCD segment drawn equally often (distill.sample_times)."""
     return distill.sample_times(1, g, device)
+
+
+def kd_times(cfg, init, g, device):
+    """Stage 3: as stage 1 (kd_times: uniform), or only the times the init's sampler queries, each equally often
+    (kd_times: sampler; a 4-step student: 1, 0.75, 0.5, 0.25), where the student will be used."""
+    if cfg.kd_times == "uniform":
+        return segment_times(cfg, init, g, device)
+    s = flow.sampler_settings(init)
+    grid = flow.time_grid(s["steps"], device, s["shift"])[:-1]
+    return grid[torch.randint(len(grid), (1,), generator=g, device=device)]
 
 
 ARCH_KEYS = tuple(f.name for f in fields(ModelConfig))
 INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
 STAGES = {
-    0: Stage("base", times=lambda cfg, g, device: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
+    0: Stage("base", times=lambda cfg, init, g, device: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
              objective=base_objective,
              sampler=lambda cfg, init: flow.euler_sampler(cfg.sample_steps, cfg.sample_cfg,
                                                           cfg.sample_shift)),
@@ -493,7 +505,7 @@ STAGES = {
     2: Stage("mask search", needs=(("init",),), search=distill.mask_search),
     3: Stage("sparse", needs=(("init", "teacher"), ("kd_plan",)),
              teacher_shares=(ARCH_KEYS, "stage 3 pairs their layers one to one"),
-             times=segment_times, objective=kd_objective,
+             times=kd_times, objective=kd_objective,
              sampler=lambda cfg, init: init["sampler"]),
 }
 NEEDED = {"init": "a trained model to distil", "teacher": "a trained model to distil",
@@ -528,6 +540,7 @@ class Parts:
     micro_batch: int
     autocast: object
     sharded: bool  # FSDP2
+    times: Callable  # (generator, device) -> t [1]: the stage's training times (Stage.times)
     objective: Callable | None = None
 
 
@@ -598,7 +611,8 @@ def set_up(cfg, dist, run) -> tuple[Parts, int, dict]:
     parts = Parts(model=model, ema=ema, wrapped=wrapped, opt=opt, dataset=dataset,
                   null_text=getattr(dataset, "null_text", None), local_batch=local, micro_batch=micro,
                   autocast=torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"),
-                  sharded=sharded)
+                  sharded=sharded,
+                  times=lambda g, device: STAGES[cfg.stage].times(cfg, init_meta, g, device))
     parts.objective = STAGES[cfg.stage].objective(cfg, parts, dist, compile_)
     if dist.is_main:
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {dist.world} x {device} "
@@ -649,7 +663,7 @@ def train_step(cfg, dist, parts: Parts, step: int):
         group["lr"] = lr
     first = dist.dp_rank * parts.local_batch
     x0, text, mask = get_batch(cfg, parts.model, parts.dataset, step, first, parts.local_batch, dist.device)
-    t, eps = draw_noise(cfg, x0, step, first)
+    t, eps = draw_noise(cfg, parts.times, x0, step, first)
     parts.opt.zero_grad(set_to_none=True)
     loss, micro, n = 0.0, parts.micro_batch, parts.local_batch
     for i in range(0, n, micro):

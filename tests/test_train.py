@@ -488,6 +488,36 @@ def test_stages_inherit_their_inits_backend_unless_the_config_names_one(tmp_path
         assert load_model(os.path.join(checkpoint.checkpoints(run)[-1], "ema.safetensors"))[0].attn_backend == want
 
 
+def test_kd_times_sampler_draws_only_the_inits_sampling_times(tmp_path, monkeypatch):
+    """kd_times: sampler: stage 3 trains at the times the init's sampler queries (its Euler grid without the
+    final 0, shift applied), each about equally often; uniform stays stage 1's draw; a training step uses it."""
+    import distill
+    import flow
+    from model import save_model
+    from conftest import tiny_model
+    draws = lambda cfg, init: torch.cat([train.kd_times(cfg, init, torch.Generator().manual_seed(i), "cpu")
+                                         for i in range(400)])
+    sampler = {"sampler": flow.euler_sampler(4, shift=3.0)}
+    grid = flow.time_grid(4, shift=3.0)[:-1]
+    t = draws(train.make_config({"stage": 3, "init": "x", "kd_plan": "p", "kd_times": "sampler"}), sampler)
+    counts = [(t == g).sum().item() for g in grid]
+    assert sum(counts) == 400 and min(counts) > 70, counts
+    uniform = draws(train.make_config({"stage": 3, "init": "x", "kd_plan": "p"}), sampler)
+    assert torch.equal(uniform, torch.cat([distill.sample_times(1, torch.Generator().manual_seed(i))
+                                           for i in range(400)]))
+    with pytest.raises(train.UserError, match="kd_times must be 'uniform' or 'sampler'"):
+        train.check_inputs(train.make_config({"stage": 3, "init": "x", "kd_plan": "p", "kd_times": "edges"}))
+    init = str(tmp_path / "init.safetensors")
+    save_model(init, tiny_model(), {"kind": "mlcd", "video_shape": [3, 4, 16, 16], "sampler": flow.euler_sampler(2)})
+    (tmp_path / "plan.yaml").write_text("plan: [1]\n")
+    seen, draw = [], train.draw_noise
+    monkeypatch.setattr(train, "draw_noise", lambda *a: seen.append(draw(*a)[0]) or draw(*a))
+    train.train(train.load_config(os.path.join(ROOT, "configs", "stage3.yaml"), [
+        f"run_dir={tmp_path / 'run'}", f"init={init}", f"kd_plan={tmp_path / 'plan.yaml'}", "kd_times=sampler",
+        "batch_size=4", "steps=2", "compile=false"]))
+    assert len(seen) == 2 and set(torch.cat(seen).tolist()) <= {1.0, 0.5}, seen
+
+
 def test_a_key_under_both_its_names_is_refused_and_an_override_wins_under_either():
     with pytest.raises(ValueError, match="plan and kd_plan are one key"):
         train.make_config({"stage": 3, "init": "x", "plan": "a.yaml", "kd_plan": "b.yaml"})
