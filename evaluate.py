@@ -50,11 +50,15 @@ def largest_blob(mask):
     n, h, w = mask.shape
     ids = torch.arange(1, n * h * w + 1, dtype=torch.float64).view(n, 1, h, w)
     labels = torch.where(mask[:, None], ids, 0.0)  # every pixel starts as its own component
+    active = torch.arange(n)  # the images whose labels still change
     for _ in range(h * w):  # spread the max label within each component until nothing changes
-        grown = torch.where(mask[:, None], F.max_pool2d(labels, 3, stride=1, padding=1), 0.0)
-        if torch.equal(grown, labels):
+        now = labels[active]
+        grown = torch.where(mask[active, None], F.max_pool2d(now, 3, stride=1, padding=1), 0.0)
+        changed = (grown != now).flatten(1).any(1)
+        labels[active] = grown
+        active = active[changed]
+        if not len(active):
             break
-        labels = grown
     labels = labels.view(n, h * w).long()  # component id per pixel, 0 = background
     sizes = torch.bincount(labels.flatten(), minlength=n * h * w + 1)
     sizes[0] = 0
@@ -74,11 +78,12 @@ def _bbox(rows_or_cols):
     return first, last
 
 
-def judge(video):
-    """video [3, T, H, W] in [-1, 1] -> dict(colour, shape, direction: str | None, area_spread: float)."""
+def judge(video, obj=None):
+    """video [3, T, H, W] in [-1, 1] -> dict(colour, shape, direction: str | None, area_spread: float). obj: the
+    object's pixels per frame [T, H, W], where the caller has found them (default: the largest bright blob)."""
     v = video.detach().float().cpu()
     _, t, h, w = v.shape
-    obj = largest_blob(v.amax(0) > 0)  # [T, H, W]
+    obj = largest_blob(v.amax(0) > 0) if obj is None else obj  # [T, H, W]
     area = obj.flatten(1).sum(1).float()  # [T]
     valid = area > 0
     if not valid.any():
@@ -149,6 +154,7 @@ BOUNCE_TOLERANCE = 0.03  # mean distance (fraction of the side) from the best bo
 SIGN_SLACK = 0.005  # the captioned way fits no worse than the other way, up to this (clean frames may fit both)
 PRESENT = 0.6  # an object is there if seen in this share of the frames (ground truth: >= 0.75, behind the curtain)
 _SPEEDS = torch.arange(0.02, 0.0601, 0.0005)  # speeds (side per frame) the judge's path fit tries
+JUDGE_BATCH = 64  # videos whose objects score_bounce finds in one pass (~0.2 GB of temporaries at 32 x 32 x 32)
 
 
 def parse_bounce_caption(text):
@@ -158,13 +164,15 @@ def parse_bounce_caption(text):
     return [parse_caption(half) for half in halves[:2]]
 
 
-def _object_frames(video, colour: str):
-    """The largest blob of one colour per frame: bright pixels (max channel > 0) nearest that colour ->
-    [T, H, W] bool."""
-    v = video.float()
-    bright = v.amax(0) > 0  # [T, H, W]
-    nearest = torch.cdist(v.permute(1, 2, 3, 0).reshape(-1, 3), colour_table()).argmin(1).view(bright.shape)
-    return largest_blob(bright & (nearest == list(COLOURS).index(colour)))
+def _object_frames(videos, colours):
+    """The largest blob of one colour per frame of each video: bright pixels (max channel > 0) nearest that
+    video's colour (a name, or None: no pixels). videos [n, 3, T, H, W], n colours -> [n, T, H, W] bool."""
+    v = videos.float()
+    bright = v.amax(1) > 0  # [n, T, H, W]
+    pixels = v.permute(0, 2, 3, 4, 1).reshape(len(v), -1, 3)
+    nearest = torch.cdist(pixels, colour_table().expand(len(v), -1, -1)).argmin(-1)
+    want = torch.tensor([list(COLOURS).index(c) if c else -1 for c in colours]).view(-1, 1, 1, 1)
+    return largest_blob((bright & (nearest.view(bright.shape) == want)).flatten(0, 1)).view(bright.shape)
 
 
 def _best_path_error(coord, frames, size, sign):
@@ -177,7 +185,7 @@ def _best_path_error(coord, frames, size, sign):
     return (paths - coord).abs().mean(-1).min().item()
 
 
-def judge_bounce(video, prompt):
+def judge_bounce(video, prompt, objects=None):
     """video [3, T, H, W] in [-1, 1] and its caption -> per object (in caption order) dict(colour, shape,
     direction, bounce: bool). colour: an object of the captioned colour is seen (>= MIN_AREA pixels) in PRESENT of
     the frames or more; the rest is judged on its clean frames (seen whole: clear of the curtain, at least WHOLE
@@ -185,15 +193,18 @@ def judge_bounce(video, prompt):
     captioned axis stays within BOUNCE_TOLERANCE (mean) of a path that starts the captioned way and bounces
     between the walls at a constant speed, no worse (SIGN_SLACK) than any path starting the other way, and its
     other coordinate within BOUNCE_TOLERANCE of constant; direction: it moves along the captioned axis, and the
-    paths starting the captioned way fit it no worse (SIGN_SLACK) than those starting the other way."""
+    paths starting the captioned way fit it no worse (SIGN_SLACK) than those starting the other way. objects:
+    each captioned object's pixels per frame [T, H, W] (_object_frames), where the caller has found them."""
     _, T, H, W = video.shape
+    wants = parse_bounce_caption(prompt)
+    if objects is None:
+        objects = _object_frames(video[None].expand(len(wants), -1, -1, -1, -1), [w["colour"] for w in wants])
     results = []
-    for want in parse_bounce_caption(prompt):
+    for want, obj in zip(wants, objects, strict=True):
         got = dict.fromkeys(BOUNCE_ATTRS, False)
         results.append(got)
         if want["colour"] is None:
             continue
-        obj = _object_frames(video, want["colour"])
         area = obj.flatten(1).sum(1)
         seen = area >= MIN_AREA
         got["colour"] = bool(seen.float().mean() >= PRESENT)
@@ -207,8 +218,8 @@ def judge_bounce(video, prompt):
         clean = seen & clear & (area >= WHOLE * largest)
         if clean.sum() < MIN_CLEAN:
             continue
-        alone = torch.where((obj & clean[:, None, None])[None], video, -1.0)  # this object, its clean frames
-        got["shape"] = judge(alone)["shape"] == want["shape"]
+        whole = obj & clean[:, None, None]  # this object on its clean frames: one blob a frame, so its own largest
+        got["shape"] = judge(torch.where(whole[None], video, -1.0), whole)["shape"] == want["shape"]
         frames = clean.nonzero()[:, 0]
         horizontal = want["direction"] in ("left", "right")
         along = (left if horizontal else top)[frames].float() / (W if horizontal else H)
@@ -228,14 +239,22 @@ def judge_bounce(video, prompt):
 def score_bounce(videos, prompts):
     """videos [n, 3, T, H, W] vs two-object prompts -> per-attribute accuracy over the 2n objects, overall (every
     attribute of both objects right) over the n videos, n."""
+    if len(videos) != len(prompts):
+        raise ValueError(f"{len(videos)} videos but {len(prompts)} prompts")
     hits = dict.fromkeys(BOUNCE_ATTRS, 0)
     overall = 0
-    for video, prompt in zip(videos, prompts, strict=True):
-        objects = judge_bounce(video, prompt)
-        for got in objects:
+    wants = [parse_bounce_caption(p) for p in prompts]
+    objects = [None] * len(prompts)
+    for i in range(0, len(prompts), JUDGE_BATCH):  # every object of a batch of videos found at once
+        chunk = torch.stack(list(videos[i:i + JUDGE_BATCH]))
+        found = [_object_frames(chunk, [w[j]["colour"] for w in wants[i:i + JUDGE_BATCH]]) for j in (0, 1)]
+        objects[i:i + JUDGE_BATCH] = zip(*found)
+    for video, prompt, objs in zip(videos, prompts, objects, strict=True):
+        judged = judge_bounce(video, prompt, objs)
+        for got in judged:
             for k in BOUNCE_ATTRS:
                 hits[k] += got[k]
-        overall += all(all(got.values()) for got in objects)
+        overall += all(all(got.values()) for got in judged)
     n = len(prompts)
     return {**{k: hits[k] / max(2 * n, 1) for k in BOUNCE_ATTRS}, "overall": overall / max(n, 1), "n": n}
 

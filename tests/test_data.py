@@ -291,7 +291,7 @@ def test_the_bounce_judge_scores_ground_truth_at_one_and_broken_time_near_chance
     video's captions score near chance, captions with every direction reversed score near 0 on direction and
     bounce, and objects that vanish after frame 8 are not there."""
     from data import DOMAINS, bounce_batch, bounce_validation_prompts
-    from evaluate import score_bounce
+    from evaluate import judge_bounce, score_bounce
     videos, prompts = bounce_batch(96, 3)
     assert score_bounce(videos, prompts) == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "bounce": 1.0,
                                              "overall": 1.0, "n": 96}
@@ -301,6 +301,14 @@ def test_the_bounce_judge_scores_ground_truth_at_one_and_broken_time_near_chance
         result = score_bounce(broken, prompts)
         assert result["overall"] < 0.05 and result["bounce"] < 0.05, result
     assert score_bounce(videos, prompts[1:] + prompts[:1])["overall"] < 0.05
+    # score_bounce finds the objects of many videos at once; one video judged alone gets the same verdicts
+    noisy = (videos[:8] + 0.8 * torch.randn(videos[:8].shape, generator=g)).clamp(-1, 1)
+    per_video = [judge_bounce(v, p) for v, p in zip(noisy, prompts)]
+    alone = {k: sum(o[k] for r in per_video for o in r) / 16 for k in ("colour", "shape", "direction", "bounce")}
+    alone.update(overall=sum(all(all(o.values()) for o in r) for r in per_video) / 8, n=8)
+    assert score_bounce(noisy, prompts[:8]) == alone and 0 < alone["shape"] < 1, alone
+    with pytest.raises(ValueError, match="8 videos but 7 prompts"):
+        score_bounce(noisy, prompts[:7])
     swap = {"left": "right", "right": "left", "up": "down", "down": "up"}
     mirrored = score_bounce(videos, [" ".join(swap.get(w, w) for w in p.split()) for p in prompts])
     assert mirrored["direction"] < 0.1 and mirrored["bounce"] < 0.1, mirrored  # motion drawn the other way
