@@ -379,12 +379,12 @@ def learning_rate(cfg, step):
 
 
 def draw_noise(cfg, times, x0, step, first):
-    """The times t [B] (times: Parts.times) and noise eps (shaped like x0) of samples first .. first + B - 1 of
-    a step, drawn before the local batch is split into micro-batches."""
+    """The times t [B] (times: Parts.times, drawing on x0's device) and noise eps (shaped like x0) of samples
+    first .. first + B - 1 of a step, drawn before the local batch is split into micro-batches."""
     ts, eps = [], []
     for j in range(x0.shape[0]):
         g = sample_generator(cfg, step, first + j, x0.device, NOISE)
-        ts.append(times(g, x0.device))
+        ts.append(times(g))
         eps.append(torch.randn(x0.shape[1:], generator=g, device=x0.device))
     return torch.cat(ts), torch.stack(eps)
 
@@ -467,7 +467,7 @@ class Stage:
     needs: tuple = ()
     teacher_shares: tuple = ()  # (model keys the teacher must share with the student, why)
     guided_teacher: bool = False
-    times: Callable | None = None  # (cfg, the init checkpoint's metadata, generator, device) -> t [1]
+    times: Callable | None = None  # (cfg, the init checkpoint's metadata, device) -> draw(generator) -> t [1]
     objective: Callable | None = None  # (cfg, parts, dist, compile) -> loss(x0, text, mask, t, eps)
     sampler: Callable | None = None  # (cfg, the init checkpoint's metadata) -> flow.euler_sampler(...)
     search: Callable | None = None  # (cfg, device, is_main) -> records
@@ -476,25 +476,25 @@ class Stage:
         return any(key in group for group in self.needs)
 
 
-def segment_times(cfg, init, g, device):
+def segment_times(cfg, init, device):
     """Stage 1: a time uniform in (0, 1], every MLCD segment drawn equally often (distill.sample_times)."""
-    return distill.sample_times(1, g, device)
+    return lambda g: distill.sample_times(1, g, device)
 
 
-def kd_times(cfg, init, g, device):
+def kd_times(cfg, init, device):
     """Stage 3: as stage 1 (kd_times: uniform), or only the times the init's sampler queries, each equally often
     (kd_times: sampler; a 4-step student: 1, 0.75, 0.5, 0.25), where the student will be used."""
     if cfg.kd_times == "uniform":
-        return segment_times(cfg, init, g, device)
+        return segment_times(cfg, init, device)
     s = flow.sampler_settings(init)
-    grid = flow.time_grid(s["steps"], device, s["shift"])[:-1]
-    return grid[torch.randint(len(grid), (1,), generator=g, device=device)]
+    grid = flow.time_grid(s["steps"], device, s["shift"])[:-1]  # made once, not per sample
+    return lambda g: grid[torch.randint(len(grid), (1,), generator=g, device=device)]
 
 
 ARCH_KEYS = tuple(f.name for f in fields(ModelConfig))
 INPUT_KEYS = ("in_channels", "patch_size", "text_encoder", "text_dim", "text_len")  # what a model reads
 STAGES = {
-    0: Stage("base", times=lambda cfg, init, g, device: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
+    0: Stage("base", times=lambda cfg, init, device: lambda g: flow.sample_t(1, g, device, cfg.t_dist, cfg.t_shift),
              objective=base_objective,
              sampler=lambda cfg, init: flow.euler_sampler(cfg.sample_steps, cfg.sample_cfg,
                                                           cfg.sample_shift)),
@@ -540,7 +540,7 @@ class Parts:
     micro_batch: int
     autocast: object
     sharded: bool  # FSDP2
-    times: Callable  # (generator, device) -> t [1]: the stage's training times (Stage.times)
+    times: Callable  # (generator on the run's device) -> t [1]: the stage's training times (Stage.times)
     objective: Callable | None = None
 
 
@@ -612,7 +612,7 @@ def set_up(cfg, dist, run) -> tuple[Parts, int, dict]:
                   null_text=getattr(dataset, "null_text", None), local_batch=local, micro_batch=micro,
                   autocast=torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"),
                   sharded=sharded,
-                  times=lambda g, device: STAGES[cfg.stage].times(cfg, init_meta, g, device))
+                  times=STAGES[cfg.stage].times(cfg, init_meta, device))
     parts.objective = STAGES[cfg.stage].objective(cfg, parts, dist, compile_)
     if dist.is_main:
         print(f"stage {cfg.stage}: {num_params(model) / 1e6:.2f}M parameters on {dist.world} x {device} "

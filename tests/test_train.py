@@ -495,7 +495,7 @@ def test_kd_times_sampler_draws_only_the_inits_sampling_times(tmp_path, monkeypa
     import flow
     from model import save_model
     from conftest import tiny_model
-    draws = lambda cfg, init: torch.cat([train.kd_times(cfg, init, torch.Generator().manual_seed(i), "cpu")
+    draws = lambda cfg, init: torch.cat([train.kd_times(cfg, init, "cpu")(torch.Generator().manual_seed(i))
                                          for i in range(400)])
     sampler = {"sampler": flow.euler_sampler(4, shift=3.0)}
     grid = flow.time_grid(4, shift=3.0)[:-1]
