@@ -705,13 +705,11 @@ def bench_train(args):
         if stage:
             random_student(init_path := os.path.join(work, "init.safetensors"), cfg, shape)
             init = [f"init={init_path}", f"teacher={init_path}"] + ([f"kd_plan={plan_file}"] if stage == 3 else [])
-        runs = [(n, policy, fp8) for n in (args.gpus if torch.cuda.is_available() and stage != 2 else [1])
-                for policy in (policies if stage != 2 else [None])
-                for fp8 in (FP8_RUNS[args.fp8] if stage != 2 else [False])]
-        for n, policy, fp8 in runs:
-            run_dir = os.path.join(work, f"stage{stage}-{n}-{policy}-{'fp8' if fp8 else 'bf16'}")
-            log = run_train(stage, n, train_overrides(args, cfg, shape, stage, n, run_dir, init, policy)
-                            + [f"fp8={str(fp8).lower()}"])
+        runs = [(n, policy) for n in (args.gpus if torch.cuda.is_available() and stage != 2 else [1])
+                for policy in (policies if stage != 2 else [None])]
+        for n, policy in runs:
+            run_dir = os.path.join(work, f"stage{stage}-{n}-{policy}")
+            log = run_train(stage, n, train_overrides(args, cfg, shape, stage, n, run_dir, init, policy))
             if log is None:
                 continue
             if stage == 2:  # each threshold's record carries the calibration's cost; s/step: per sampling step
@@ -729,27 +727,26 @@ def bench_train(args):
                            if torch.cuda.is_available() else "n/a (cpu)"
                            for name, kind in (("MFU", "model"), ("HFU", "hardware"))}
             rows.append({"stage": stage, "gpus": n, "sp": sp, "plan": f"{100 * sparsity:.0f}%" if stage == 3 else
-                         "full", "recompute": policy or "none", "matmuls": "fp8" if fp8 else "bf16",
+                         "full", "recompute": policy or "none",
                          "s/step": fmt(s_step, 3), "tokens/s": fmt(samples * tokens / s_step, 0),
                          "peak_GiB": fmt(max(rec.get("mem_gb", 0.0) for rec in timed), 1), **utilisation,
                          **(trace_split(os.path.join(run_dir, "trace-rank0.json")) if args.profile else {})})
     for r in rows:  # throughput against the same stage and policy on one GPU
         one = [x for x in rows if x["stage"] == r["stage"] and x.get("recompute") == r.get("recompute")
-               and x.get("matmuls") == r.get("matmuls") and x["gpus"] == 1]
+               and x["gpus"] == 1]
         r["scaling"] = fmt(r["tokens/s"] / one[0]["tokens/s"], 2) if one else ""
     print(f"synthetic latents {shape} (random: speed and memory only), {tokens} tokens per sample, batch "
           f"{args.batch} per sequence-parallel group, compile {args.compile}; recompute: activation "
           "checkpointing's policy. MFU: model FLOPs (the student's forward and backward under its plan, and the frozen forwards: "
           "stage 1's guided teacher and target, stage 3's teacher), counted by torch's FLOP counter "
-          "(bench.train_flops); HFU adds what checkpointing recomputes; both against the bf16 peak, fp8 rows too")
-    print_table(rows, ["stage", "gpus", "sp", "plan", "recompute", "matmuls", "s/step", "tokens/s", "peak_GiB",
+          "(bench.train_flops); HFU adds what checkpointing recomputes; both against the bf16 peak")
+    print_table(rows, ["stage", "gpus", "sp", "plan", "recompute", "s/step", "tokens/s", "peak_GiB",
                        "MFU%", "HFU%", "scaling"]
                 + (["step_ms"] + SPLIT_COLS + TIMELINE_COLS if args.profile else []))
     return rows
 
 
 PROFILED_STEPS = 2  # bench.py train --profile: traced after the timed steps
-FP8_RUNS = {False: [False], True: [False, True]}  # bench.py train [--fp8]: bf16 matmuls, then float8 ones too
 
 
 def _covered(intervals) -> float:
@@ -814,8 +811,7 @@ def main(argv=None):
                    help="model/e2e: the attention backends to compare in one run (attention.py); sp: the first")
     p.add_argument("--backward", action="store_true", help="attention, model: time forward + backward")
     p.add_argument("--fp8", action="store_true", help="model, e2e: the plans again with float8 linear layers "
-                   "(DiT.use_fp8, torchao; a GPU of sm89 or newer), after the bf16 rows; train: each run again "
-                   "with fp8=true (float8 matmuls in training, DiT.use_fp8_training)")
+                   "(DiT.use_fp8, torchao; a GPU of sm89 or newer), after the bf16 rows")
     p.add_argument("--stages", type=int, nargs="*", default=[0, 1, 3], choices=[0, 1, 2, 3], help="train: the stages")
     p.add_argument("--sp", type=positive_int, default=1, help="train: sp_size (at most the GPU count of a run)")
     p.add_argument("--fsdp", action="store_true", help="train: fsdp=true (FSDP2 over every rank)")
@@ -838,9 +834,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.json:
         check_output_path(args.json)
-    if args.fp8 and (args.mode not in ("model", "e2e", "train") or args.backward):
-        raise UserError("--fp8 times sampling forwards (modes model and e2e, without --backward) and training steps "
-                        "(mode train)")
+    if args.fp8 and (args.mode not in ("model", "e2e") or args.backward):
+        raise UserError("--fp8 times sampling forwards (modes model and e2e, without --backward)")
     if args.fp8 and not torch.cuda.is_available():
         raise UserError("--fp8 needs a GPU with float8 matmuls (sm89 or newer)")
     if args.mode == "sp" and "RANK" not in os.environ:  # the process counts, checked before any is started

@@ -268,7 +268,7 @@ class MLP(nn.Sequential):
     activation is written once, not written, read and written again (osp12, 29 frames: the GELU kernel took 11.8 of
     the 53 ms outside matmuls and attention; fused, the forward is 8 ms faster, BENCHMARKS.md). Training keeps the
     two ops (the fused op has no backward); a CPU's version of the op computes the exact GELU, so CPUs keep them too,
-    and so does a float8 layer (DiT.use_fp8, use_fp8_training), which the op would bypass."""
+    and so does a float8 layer (DiT.use_fp8), which the op would bypass."""
 
     def __init__(self, dim: int, width: int):
         super().__init__(nn.Linear(dim, width), nn.GELU(approximate="tanh"), nn.Linear(width, dim))
@@ -465,25 +465,6 @@ class DiT(nn.Module):
         except ImportError:
             raise UserError("fp8 needs torchao: pip install -r requirements.txt") from None
         quantize_(self.blocks, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
-        return self
-
-    def use_fp8_training(self, emulate: bool = False):
-        """Training with every block's Linear layers computing their matmuls in float8 (torchao's Float8Linear,
-        the "rowwise" recipe: e4m3 inputs, weights and output gradients, a scale per row computed on the fly),
-        forward and backward; the weights, the optimizer and the checkpoints stay as they are (same state dict).
-        In place, before compile_blocks and FSDP. Needs a GPU with float8 matmuls (sm89+); emulate=True runs the
-        same casts with matmuls in high precision on any device (tests). -> self"""
-        if not emulate:
-            check_fp8(self.blocks[0].mlp[0].weight.device)
-        from dataclasses import replace
-        try:
-            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        except ImportError:
-            raise UserError("fp8 needs torchao: pip install -r requirements.txt") from None
-        config = replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=emulate)
-        # float8 matmuls need both dimensions in multiples of 16
-        convert_to_float8_training(self.blocks, config=config,
-                                   module_filter_fn=lambda m, _: m.in_features % 16 == 0 and m.out_features % 16 == 0)
         return self
 
     def block_masks(self, grid, x) -> list:

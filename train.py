@@ -46,7 +46,7 @@ from attention import FULL, backend_name, load_plan
 from cli import UserError, atomic_output, entry_point, warn
 from data import (DOMAINS, NULL_FILE, check_shard_headers, checkpoint_domain, collate, open_dataset,
                   shard_paths)
-from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, check_fp8, config_dict, load_model, model_config,
+from model import (CHECKPOINT_POLICIES, DiT, ModelConfig, config_dict, load_model, model_config,
                    num_params, read_metadata)
 
 
@@ -56,7 +56,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 # keys a resumed run may change: how long it runs and how it executes, never what it computes
 RUN_KEYS = ("steps", "max_minutes", "log_every", "ckpt_every", "keep", "save", "micro_batch", "sp_size",
             "compile", "activation_checkpointing", "checkpoint_policy", "run_dir", "device", "profile",
-            "attn_backend", "fp8")
+            "attn_backend")
 
 
 @dataclass
@@ -103,8 +103,6 @@ class TrainConfig:
     checkpoint_policy: str = "full"      # what it keeps: "full" (each block's input) or "save_attention"
                                          # (also the attention outputs: their forward runs once; model.py)
     bf16: bool = True                    # bf16 autocast (GPU only)
-    fp8: bool = False                    # the student's block matmuls in float8, forward and backward (torchao
-                                         # rowwise; a GPU of sm89 or newer: DiT.use_fp8_training)
     device: str = ""                     # empty: cuda if available
     sample_steps: int = 50               # the sampler a stage-0 checkpoint carries for sample.py
     sample_cfg: float = 5.0
@@ -135,22 +133,33 @@ ALIASES = {"segments": "mlcd_segments", "teacher_steps": "mlcd_teacher_steps",
            "threshold": "search_threshold", "candidates": "search_candidates",
            "calib_prompts": "search_prompts", "calib_seeds": "search_seeds", "sweep": "search_sweep",
            "plan": "kd_plan"}
+# keys taken out, and why: a run saved with one resumes without it (it only said how a step ran)
+RETIRED = {"fp8": "fp8 (float8 matmuls in training) was taken out on 2026-12-02: on one H200 it made a 29-frame "
+                  "osp12 step 1.02x faster, within the step-to-step spread (BENCHMARKS.md); drop the key. Float8 "
+                  "sampling stays: sample.py --precision fp8"}
 
 
 def current_names(values: dict) -> dict:
     """A config's values under today's names: the stage keys' earlier names (ALIASES; a key given under both
-    names is an error), and a backend chosen through model_args (where it lived before 2026-12-01) moved up
-    to attn_backend."""
+    names is an error), a backend chosen through model_args (where it lived before 2026-12-01) moved up to
+    attn_backend, and RETIRED keys left out."""
     both = [k for k in values if k in ALIASES and ALIASES[k] in values]
     if both:
         raise UserError(f"{both[0]} and {ALIASES[both[0]]} are one key (its earlier and its current name): "
                         "keep one")
-    values = {ALIASES.get(k, k): v for k, v in values.items()}
+    values = {ALIASES.get(k, k): v for k, v in values.items() if k not in RETIRED}
     model_args = values.get("model_args")
     if isinstance(model_args, dict) and "attn_backend" in model_args:
         model_args = dict(model_args)
         values = {"attn_backend": model_args.pop("attn_backend"), **values, "model_args": model_args}
     return values
+
+
+def check_retired(values: dict):
+    """A config that asks for a RETIRED key's feature is an error (one set to false or empty is left out)."""
+    asked = [k for k in RETIRED if values.get(k)]
+    if asked:
+        raise UserError(RETIRED[asked[0]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,6 +233,7 @@ def check_ranges(cfg: TrainConfig):
 def make_config(values: dict) -> TrainConfig:
     """A TrainConfig from a dict of values (earlier key names read too), checked now, before any start-up:
     keys, types, ranges, the model preset and its overrides, the backend's name and what the stage needs."""
+    check_retired(values)
     values = current_names(values)
     defaults = TrainConfig()
     valid = {f.name: getattr(defaults, f.name) for f in fields(TrainConfig)}
@@ -263,6 +273,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         raise UserError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path!r} must hold key: value lines, got a {type(values).__name__}")
+    check_retired(values)
     values = current_names(values)
     for item in overrides:  # an override wins over the file, under either name of a key
         if "=" not in item:
@@ -327,9 +338,7 @@ def check_inputs(cfg: TrainConfig):
             raise UserError(f"data: {cfg.data!r} is not a folder; use {', '.join(map(repr, DOMAINS))}, "
                             "'synthetic' or a folder of safetensors shards")
         check_shard_headers(shard_paths(cfg.data))
-    device = parallel.pick_device(cfg.device or None)
-    if cfg.fp8:
-        check_fp8(device)
+    parallel.pick_device(cfg.device or None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,8 +565,6 @@ def build_student(cfg, dist) -> tuple[DiT, dict]:
         model.set_mask_plan(load_plan(cfg.kd_plan))
     model.set_attn_backend(cfg.attn_backend or model.attn_backend)
     model.to(dist.device).train()
-    if cfg.fp8:
-        model.use_fp8_training()
     model.enable_sequence_parallel(dist.sp_group)
     model.set_checkpointing(cfg.checkpoint_policy if cfg.activation_checkpointing else None)
     return model, init_meta

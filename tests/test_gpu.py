@@ -132,7 +132,7 @@ def test_mlp_with_gelu_in_the_matmul_epilogue_equals_the_two_ops():
     assert err <= 1.5 * err_two + 1e-3, (err, err_two)
 
 
-SMALL = dict(hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)  # the FP8 tests' model (float8 matmuls
+SMALL = dict(hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)  # the FP8 test's model (float8 matmuls
 # need sizes in multiples of 16), from conftest.tiny_model: random non-zero weights, so no block is hidden
 
 
@@ -152,29 +152,3 @@ def test_fp8_linear_layers_stay_close_to_bf16_compiled_and_eager():
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert 0 < rel(eager, bf16) < 0.15, rel(eager, bf16)  # a wrong scale would be off by ~1
     assert rel(compiled, eager) < 0.05, rel(compiled, eager)
-
-
-def test_fp8_training_step_stays_close_to_bf16_compiled():
-    """DiT.use_fp8_training (torchao's Float8Linear, rowwise) on a small model, compiled, under bf16 autocast as
-    train.py runs it: one training step's loss and block gradients stay within float8's few percent of the same
-    step with bf16 matmuls, and differ from it (the float8 matmuls run)."""
-    import copy
-
-    import flow
-    base = tiny_model(**SMALL).cuda().train()
-    fp8 = copy.deepcopy(base).use_fp8_training()
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x0 = torch.randn(2, 3, 8, 32, 32, device="cuda", generator=g)
-    t, eps = torch.rand(2, device="cuda", generator=g), torch.randn(x0.shape, device="cuda", generator=g)
-    text, mask = (a.cuda() for a in base.tokenize(["a red circle moving right", "a blue square"]))
-    losses, grads = [], []
-    for m in (base, fp8):
-        m.compile_blocks()
-        with torch.autocast("cuda", torch.bfloat16):
-            loss = flow.flow_loss(lambda xt, tt: m(xt, tt, text, mask), x0, t, eps)
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in m.blocks.parameters()]))
-    assert 0 < abs(losses[1] - losses[0]) / losses[0] < 0.05, losses
-    rel = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
-    assert 0 < rel < 0.2, rel
