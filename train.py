@@ -555,7 +555,7 @@ class Parts:
 
 def build_student(cfg, dist) -> tuple[DiT, dict]:
     """The student: `init`'s weights (or a fresh cfg.model), stage 3's plan, the run's backend, on the device,
-    float8 matmuls and activation checkpointing as asked, sequence-parallel. -> (model, init's metadata)"""
+    activation checkpointing as asked, sequence-parallel. -> (model, init's metadata)"""
     init_meta = {}
     if cfg.init:
         model, init_meta = load_model(cfg.init)
