@@ -115,6 +115,23 @@ def test_attention_recording_is_scoped_and_pairs_layers_strictly():
         distill.kd_loss(v, v, recorder.outputs, recorder.outputs[:2], 1.0, 1.0)
 
 
+def test_kd_loss_is_the_output_mse_plus_the_layers_mean_attention_mse_by_hand():
+    """kd_loss against values worked out by hand: outputs 0.5 apart everywhere (MSE 0.25), three layers whose
+    attention outputs are 0, 1 and 2 apart (MSEs 0, 1, 4: their mean 5/3), under weights 2 and 3; each weight at 0
+    leaves the other term alone; the gradient reaches the student's tensors only."""
+    v_teacher = torch.zeros(2, 3, 4, 4, 4)
+    v_student = (v_teacher + 0.5).requires_grad_()
+    teacher = [torch.zeros(2, 6, 5) for _ in range(3)]
+    student = [(a + c).requires_grad_() for a, c in zip(teacher, (0.0, 1.0, 2.0))]
+    loss = distill.kd_loss(v_student, v_teacher, student, teacher, 2.0, 3.0)
+    assert loss.item() == pytest.approx(2.0 * 0.25 + 3.0 * 5 / 3)
+    assert distill.kd_loss(v_student, v_teacher, student, teacher, 2.0, 0.0).item() == pytest.approx(0.5)
+    assert distill.kd_loss(v_student, v_teacher, student, teacher, 0.0, 3.0).item() == pytest.approx(5.0)
+    loss.backward()  # d/da mean((a - b)^2) = 2 (a - b) / n, times the weights (the layers' mean: 1/3 each)
+    assert torch.allclose(v_student.grad, torch.full_like(v_student, 2.0 * 2 * 0.5 / v_student.numel()))
+    assert torch.allclose(student[2].grad, torch.full_like(student[2], 3.0 / 3 * 2 * 2.0 / student[2].numel()))
+
+
 def test_recording_from_compiled_checkpointed_blocks_compiles_once_and_keeps_gradients():
     """Stage 3 records every layer's attention output from compiled blocks under activation checkpointing. The
     blocks return it (DiT.forward records it, outside them): an observer appending to one list inside them broke

@@ -108,7 +108,8 @@ def test_the_stage_keys_earlier_names_still_load(tmp_path):
     # a run saved under the earlier names, and with a key since taken out (it said how a step ran), resumes
     torch.save({**state, "config": {**old, "fp8": True}}, state_path)
     assert [r["step"] for r in train.train(cfg_for(tmp_path, "steps=3"))] == [3]
-    assert not hasattr(cfg_for(tmp_path, "fp8=false"), "fp8")  # set to false it is left out; asked for, an error
+    assert train.current_names({"fp8": False, "steps": 3}) == {"steps": 3}  # set to false it is left out (as from
+    cfg_for(tmp_path, "fp8=false")                                           # a file or an override); asked for, an error
     for ask in (lambda: cfg_for(tmp_path, "fp8=true"), lambda: train.make_config({"fp8": True})):
         with pytest.raises(train.UserError, match="taken out"):
             ask()
@@ -307,7 +308,8 @@ def test_micro_batches_give_the_same_step(tmp_path):
     """Gradient accumulation over micro-batches is the same step as the whole batch at once."""
     whole = train.train(cfg_for(tmp_path / "a", "steps=2", "micro_batch=4"))
     split = train.train(cfg_for(tmp_path / "b", "steps=2", "micro_batch=3"))  # 3 + 1
-    for a, b in zip(whole, split):
+    assert len(whole) == 2
+    for a, b in zip(whole, split, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
