@@ -523,11 +523,12 @@ NEEDED = {"init": "a trained model to distil", "teacher": "a trained model to di
 
 def checkpoint_meta(cfg, video_shape, init_meta):
     """What sample.py needs to know: the kind of model, how it samples, the latents' shape, a pretrained video
-    model's frame rate (Wan) and the built-in data's vocabulary (to check prompts against)."""
+    model's frame rate and source (Wan: a model trained from it reads the same text encoder, so its empty caption
+    is still that encoder's, which guidance and caption dropout need; check_inputs, sample.py) and the built-in
+    data's vocabulary (to check prompts against)."""
     meta = {"kind": STAGES[cfg.stage].kind, "train_config": asdict(cfg), "video_shape": video_shape,
             "sampler": STAGES[cfg.stage].sampler(cfg, init_meta)}
-    if "fps" in init_meta:
-        meta["fps"] = init_meta["fps"]
+    meta.update({key: init_meta[key] for key in ("fps", "source") if key in init_meta})
     if cfg.data in DOMAINS:
         meta.update(domain=cfg.data, vocabulary=DOMAINS[cfg.data].vocabulary)
     return meta

@@ -115,6 +115,19 @@ def test_the_stage_keys_earlier_names_still_load(tmp_path):
             ask()
 
 
+def test_a_model_trained_from_a_pretrained_one_keeps_its_frame_rate_and_source():
+    """A checkpoint trained from a Wan folder (any stage, stage 0 too: fine-tuning the base) keeps the folder's
+    frame rate and source, by which sample.py asks for the encoder's empty caption for guidance and stage 1 for
+    its null.safetensors; one trained from scratch has neither."""
+    wan = {"kind": "pretrained", "source": "diffusers WanTransformer3DModel", "fps": 16,
+           "sampler": {"name": "euler", "steps": 50, "cfg": 5.0, "shift": 5.0}}
+    for stage, more in ((0, {}), (1, {"init": "x"}), (3, {"init": "x", "kd_plan": "p.yaml"})):
+        cfg = train.make_config({"stage": stage, "model": "tiny", **more})
+        meta = train.checkpoint_meta(cfg, [3, 4, 16, 16], wan)
+        assert (meta["source"], meta["fps"]) == (wan["source"], 16), stage
+    assert not {"source", "fps"} & set(train.checkpoint_meta(train.make_config({"stage": 0}), [3, 4, 16, 16], {}))
+
+
 def test_every_numeric_key_has_a_range_and_the_bounds_that_are_allowed_pass():
     numeric = {f.name for f in fields(train.TrainConfig) if f.name != "stage" and not isinstance(f.default, bool)
                and (isinstance(f.default, (int, float))
