@@ -108,8 +108,9 @@ def test_the_stage_keys_earlier_names_still_load(tmp_path):
     # a run saved under the earlier names, and with a key since taken out (it said how a step ran), resumes
     torch.save({**state, "config": {**old, "fp8": True}}, state_path)
     assert [r["step"] for r in train.train(cfg_for(tmp_path, "steps=3"))] == [3]
-    assert train.current_names({"fp8": False, "steps": 3}) == {"steps": 3}  # set to false it is left out (as from
-    cfg_for(tmp_path, "fp8=false")                                           # a file or an override); asked for, an error
+    # set to false (in a file or an override) it is left out; asked for, it is an error
+    assert train.current_names({"fp8": False, "steps": 3}) == {"steps": 3}
+    cfg_for(tmp_path, "fp8=false")
     for ask in (lambda: cfg_for(tmp_path, "fp8=true"), lambda: train.make_config({"fp8": True})):
         with pytest.raises(train.UserError, match="taken out"):
             ask()
