@@ -404,12 +404,12 @@ def bench_model(args):
                              "attention%": attention_share(split),
                              "compiled": args.compile, "backend": label, **(split if args.profile else {})})
                 rows[-1]["vs_full_same_backend"] = fmt(rows[first]["ms"] / rows[-1]["ms"])
+                if reference is not None and plan == ["full"]:
+                    out = model_call(model, x, text, mask, args)().float()
+                    rows[-1]["max_diff_vs_diffusers"] = fmt((out - reference.float()).abs().max().item(), 4)
+                    rows[-1]["rel_l2_vs_diffusers"] = fmt(((out - reference).norm() / reference.float().norm()).item(), 5)
             if mode == "cudnn":
                 cudnn_row = rows[-1]
-            if reference is not None and plan == ["full"]:
-                out = model_call(model, x, text, mask, args)().float()
-                rows[-1]["max_diff_vs_diffusers"] = fmt((out - reference.float()).abs().max().item(), 4)
-                rows[-1]["rel_l2_vs_diffusers"] = fmt(((out - reference).norm() / reference.float().norm()).item(), 5)
     for r in rows:
         r.update({"model": args.model if not args.tiny else f"tiny {args.model}", "layers": model.cfg.depth,
                   "latents": "x".join(map(str, x.shape[1:])), "tokens": x[0, 0].numel() // math.prod(model.cfg.patch_size)})
