@@ -319,6 +319,36 @@ class Block(nn.Module):
         return x, o
 
 
+PERSISTENT_ROW_MAX = 4096  # the widest row reduction compiled blocks keep in registers (inductor's own limit: 1,024)
+
+
+def widen_persistent_reductions():
+    """Let inductor's Triton code keep a row reduction of up to PERSISTENT_ROW_MAX elements in registers (a
+    "persistent" reduction) instead of looping over the row twice, once for its statistics and once to normalise:
+    its limit is 1,024, below every norm here (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072 (5B) and
+    5,120 (14B: left as it is)). On one H200 the osp12 forward at 29 frames under a ~55% plan spent 42.0 -> 35.3 ms
+    in kernels outside attention and matmuls with it, 462.3 -> 451.8 ms in all (BENCHMARKS.md). Row reductions only
+    (inductor's hint INNER): its DEFAULT-hinted ones too sped up one more osp12 norm (9.4 -> 5.4 ms) but slowed Wan's
+    q/k RMSNorm + RoPE kernel more (10.9 -> 14.7 ms). Installed through inductor's seam for its heuristics
+    (V.set_choices_handler: for this thread, from the next compilation on); heuristics someone else installed are
+    left alone. Inductor's graph cache does not key on it: a block cached before runs as it was compiled."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
+            n = features.reduction_numel
+            if (not cooperative_reduction and features.get_reduction_hint() == ReductionHint.INNER
+                    and getattr(n, "is_number", False) and int(n) <= PERSISTENT_ROW_MAX):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)
+
+    if type(V.choices) is InductorChoices:
+        V.set_choices_handler(WideRows())
+
+
 class ByteTextEncoder(nn.Module):
     """Captions as UTF-8 bytes -> a small transformer. Token 0 pads, 1 starts every caption (so the empty
     caption, used for classifier-free guidance, is one BOS token and never an all-masked row)."""
@@ -441,9 +471,11 @@ class DiT(nn.Module):
         The patch embedding, timestep MLP and output layer stay eager (a few small kernels per forward). Weights
         keep their names (no `_orig_mod.`), so saving needs no unwrapping. A graph per mask entry, grad mode and
         shape: dynamo's recompile limit (8 per function) is raised as for FlexAttention, since past it the blocks
-        would quietly run eager (a searched plan at Wan's 21 frames may hold more than 8 entries). -> self"""
+        would quietly run eager (a searched plan at Wan's 21 frames may hold more than 8 entries). The norms compile
+        as persistent reductions (widen_persistent_reductions). -> self"""
         import torch._dynamo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        widen_persistent_reductions()
         for block in self.blocks:
             if getattr(block, "_compiled_call_impl", None) is None:
                 block.compile(dynamic=False)

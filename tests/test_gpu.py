@@ -146,6 +146,33 @@ def test_mlp_with_gelu_in_the_matmul_epilogue_equals_the_two_ops():
     assert err <= 1.5 * err_two + 1e-3, (err, err_two)
 
 
+@needs_gpu
+def test_compiled_blocks_run_their_norms_as_persistent_reductions():
+    """At osp12's width (2,304) inductor's own rule loops over each norm's row twice (`triton_red_` kernels); under
+    compile_blocks (model.widen_persistent_reductions) the LayerNorm + modulation kernels keep the row in registers
+    (`triton_per_` kernels), and the compiled model equals the eager one."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from model import DiT, model_config
+    torch.manual_seed(0)
+    m = DiT(model_config("osp12", depth=1, text_dim=32))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    m = m.cuda().to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1, 4, 2, 16, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+    t, text = torch.full((1,), 0.5, device="cuda"), torch.randn(1, 8, 32, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = m(x, t, text, mask)
+        compiled, code = run_and_get_code(m.compile_blocks(), x, t, text, mask)
+    kernels = set(re.findall(r"def (triton_(?:per|red)_fused\w*layer_norm\w*)\(", "\n".join(code)))
+    assert any(k.startswith("triton_per_") for k in kernels), kernels
+    assert relative_error(compiled, eager) < 1e-2
+
+
 SMALL = dict(hidden=256, heads=4, depth=2, text_dim=128, mlp_ratio=2.5)  # the FP8 test's model (float8 matmuls
 # need sizes in multiples of 16), from conftest.tiny_model: random non-zero weights, so no block is hidden
 

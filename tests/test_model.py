@@ -201,6 +201,45 @@ def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan():
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
+    """compile_blocks installs widen_persistent_reductions' heuristics for inductor: a row reduction (hint INNER) of up
+    to PERSISTENT_ROW_MAX elements is made persistent; a wider one, another kind or a cooperative one is left to
+    inductor's own rule; heuristics someone else installed are kept. (On a GPU, tests/test_gpu.py sees the kernels.)"""
+    from unittest import mock
+
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Features:
+        def __init__(self, n, hint=ReductionHint.INNER):
+            self.reduction_numel, self.hint = sympy.sympify(n), hint
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    before = V.choices
+    try:
+        theirs = InductorChoices.__new__(type("Theirs", (InductorChoices,), {}))
+        V.set_choices_handler(theirs)
+        tiny(depth=1).compile_blocks()
+        assert V.choices is theirs
+        V.set_choices_handler(InductorChoices())
+        tiny(depth=1).compile_blocks()
+        choices = V.choices
+        assert type(choices) is not InductorChoices
+        with mock.patch.object(InductorChoices, "should_use_persistent_reduction", return_value="inductor's"):
+            decide = choices.should_use_persistent_reduction
+            assert decide(Features(2304), False) is True and decide(Features(model_lib.PERSISTENT_ROW_MAX), False) is True
+            assert decide(Features(model_lib.PERSISTENT_ROW_MAX + 1), False) == "inductor's"
+            assert decide(Features(2304, ReductionHint.OUTER), False) == "inductor's"
+            assert decide(Features(2304), True) == "inductor's"
+            assert decide(Features(sympy.Symbol("s0")), False) == "inductor's"
+    finally:
+        V.set_choices_handler(before)
+
+
 def test_compiled_blocks_take_their_block_masks_as_inputs(monkeypatch):
     """Where the flash backend runs a sparse layer, DiT.block_masks makes its BlockMask before the compiled blocks,
     which take it as an input: no graph break (looked up inside a block, it broke the block's graph, and inside an
