@@ -168,9 +168,12 @@ def test_failed_output_writes_leave_the_old_file_and_no_partial_one(tmp_path):
 @pytest.mark.parametrize("sig, status, line", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
 def test_ctrl_c_or_sigterm_is_one_line_with_nothing_written(tmp_path, sig, status, line):
     out = tmp_path / "base.gif"
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`nohup ... &`) hands its children
+    # SIGINT ignored, which Python then keeps ignoring, as a background job should
     p = subprocess.Popen([sys.executable, "sample.py", "--model", "base", "--prompt", "a red circle moving right",
                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**clean_env(), "PYTHONUNBUFFERED": "1"})
+                         env={**clean_env(), "PYTHONUNBUFFERED": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert p.stdout.readline().startswith("attention:")  # printed just before the 50 guided steps start
     time.sleep(1)
     p.send_signal(getattr(signal, sig))
