@@ -221,7 +221,7 @@ def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
 
     before = V.choices
     try:
-        theirs = InductorChoices.__new__(type("Theirs", (InductorChoices,), {}))
+        theirs = type("Theirs", (InductorChoices,), {})()
         V.set_choices_handler(theirs)
         tiny(depth=1).compile_blocks()
         assert V.choices is theirs
