@@ -325,13 +325,15 @@ PERSISTENT_ROW_MAX = 4096  # the widest row reduction compiled blocks keep in re
 def widen_persistent_reductions():
     """Let inductor's Triton code keep a row reduction of up to PERSISTENT_ROW_MAX elements in registers (a
     "persistent" reduction) instead of looping over the row twice, once for its statistics and once to normalise:
-    its limit is 1,024, below every norm here (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072 (5B) and
-    5,120 (14B: left as it is)). On one H200 the osp12 forward at 29 frames under a ~55% plan spent 42.0 -> 35.3 ms
-    in kernels outside attention and matmuls with it, 462.3 -> 451.8 ms in all (BENCHMARKS.md). Row reductions only
-    (inductor's hint INNER): its DEFAULT-hinted ones too sped up one more osp12 norm (9.4 -> 5.4 ms) but slowed Wan's
-    q/k RMSNorm + RoPE kernel more (10.9 -> 14.7 ms). Installed through inductor's seam for its heuristics
-    (V.set_choices_handler: for this thread, from the next compilation on); heuristics someone else installed are
-    left alone. Inductor's graph cache does not key on it: a block cached before runs as it was compiled."""
+    its limit is 1,024, below the blocks' hidden-width norms (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072
+    (5B) and 5,120 (14B: left as it is)). On one H200 the osp12 forward at 29 frames under a ~55% plan spent 42.0 ->
+    35.3 ms in kernels outside attention and matmuls with it (BENCHMARKS.md). Row reductions only (inductor's hint
+    INNER): its DEFAULT-hinted ones too sped up one more osp12 norm (9.4 -> 5.4 ms) and slowed Wan's q/k RMSNorm +
+    RoPE kernel about as much (10.9 -> 14.7 ms). Off where inductor's persistent reductions are (its config switch).
+    Installed through inductor's seam for its heuristics (V.set_choices_handler: for this thread, from the next
+    compilation on); heuristics someone else installed are left alone. Inductor's graph cache does not key on it: a
+    block cached before runs as it was compiled."""
+    from torch._inductor import config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
@@ -340,7 +342,8 @@ def widen_persistent_reductions():
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
             n = features.reduction_numel
-            if (not cooperative_reduction and features.get_reduction_hint() == ReductionHint.INNER
+            if (config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER
                     and getattr(n, "is_number", False) and int(n) <= PERSISTENT_ROW_MAX):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)

@@ -28,12 +28,16 @@ def test_modes_run_tiny_on_cpu(mode, tmp_path):
 
 def test_model_mode_reports_the_full_forwards_difference_from_diffusers(tmp_path, monkeypatch):
     """--diffusers: the full-attention row carries our output's difference from diffusers' eager one (here a stand-in
-    for diffusers: our own full forward plus 0.25, so the difference is known), the sparse rows none. (It went
-    missing once: computed after the plan loop, where the last plan is a sparse one.)"""
+    for diffusers: our own full forward with 0.25 added to one element, so both differences are known), the sparse
+    rows none. (It went missing once: computed after the plan loop, where the last plan is a sparse one.)"""
+    expected = {}
+
     def stand_in(model, x, text, args):
         with torch.no_grad():
             ones = torch.ones(text.shape[:2], dtype=torch.bool)
-            reference = model(x, torch.full((x.shape[0],), 0.5), text, ones) + 0.25
+            reference = model(x, torch.full((x.shape[0],), 0.5), text, ones)
+        reference.view(-1)[7] += 0.25
+        expected["rel_l2"] = 0.25 / reference.norm().item()
         rows = [{"plan": "full", "sparsity%": 0.0, "ms": 2.0, "backend": f"diffusers {how}"} for how in ("eager", "compiled")]
         return rows, reference
     monkeypatch.setattr(bench, "bench_diffusers", stand_in)
@@ -42,7 +46,8 @@ def test_model_mode_reports_the_full_forwards_difference_from_diffusers(tmp_path
                 "--json", str(out)])
     ours = [r for r in json.loads(out.read_text())["rows"] if not r["backend"].startswith("diffusers")]
     assert [r["plan"] for r in ours][0] == "full" and len(ours) == 2
-    assert abs(ours[0]["max_diff_vs_diffusers"] - 0.25) < 1e-3 and ours[0]["rel_l2_vs_diffusers"] > 0
+    assert abs(ours[0]["max_diff_vs_diffusers"] - 0.25) < 1e-3
+    assert abs(ours[0]["rel_l2_vs_diffusers"] - expected["rel_l2"]) < 1e-3 * expected["rel_l2"] + 1e-5
     assert "max_diff_vs_diffusers" not in ours[1]
 
 

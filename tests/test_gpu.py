@@ -148,13 +148,17 @@ def test_mlp_with_gelu_in_the_matmul_epilogue_equals_the_two_ops():
 
 @needs_gpu
 def test_compiled_blocks_run_their_norms_as_persistent_reductions():
-    """At osp12's width (2,304) inductor's own rule loops over each norm's row twice (`triton_red_` kernels); under
-    compile_blocks (model.widen_persistent_reductions) the LayerNorm + modulation kernels keep the row in registers
-    (`triton_per_` kernels), and the compiled model equals the eager one."""
+    """At osp12's width (2,304) inductor's own rule loops over each norm's row twice (`triton_red_` kernels, the
+    control: compile_blocks leaves heuristics someone else installed, here inductor's own); under compile_blocks'
+    rule (model.widen_persistent_reductions) LayerNorm + modulation kernels keep the row in registers (`triton_per_`
+    kernels), and the compiled model equals the eager one. Each compilation starts from an empty inductor cache."""
     import re
 
-    from torch._inductor.utils import run_and_get_code
+    from torch._inductor import utils
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
     from model import DiT, model_config
+    fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
     torch.manual_seed(0)
     m = DiT(model_config("osp12", depth=1, text_dim=32))
     for p in m.parameters():
@@ -164,12 +168,25 @@ def test_compiled_blocks_run_their_norms_as_persistent_reductions():
     x = torch.randn(1, 4, 2, 16, 16, device="cuda", dtype=torch.bfloat16, generator=g)
     t, text = torch.full((1,), 0.5, device="cuda"), torch.randn(1, 8, 32, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
-    torch._dynamo.reset()
-    with torch.no_grad():
-        eager = m(x, t, text, mask)
-        compiled, code = run_and_get_code(m.compile_blocks(), x, t, text, mask)
-    kernels = set(re.findall(r"def (triton_(?:per|red)_fused\w*layer_norm\w*)\(", "\n".join(code)))
-    assert any(k.startswith("triton_per_") for k in kernels), kernels
+
+    def compiled_with(choices):
+        V.set_choices_handler(choices)
+        torch._dynamo.reset()
+        for block in m.blocks:
+            block._compiled_call_impl = None
+        with torch.no_grad(), fresh_cache():
+            out, code = utils.run_and_get_code(m.compile_blocks(), x, t, text, mask)
+        return out, set(re.findall(r"def (triton_(?:per|red)_fused\w*layer_norm\w*)\(", "\n".join(code)))
+    before = V.choices
+    try:
+        with torch.no_grad():
+            eager = m(x, t, text, mask)
+        _, inductors = compiled_with(type("Theirs", (InductorChoices,), {})())
+        compiled, ours = compiled_with(InductorChoices())
+    finally:
+        V.set_choices_handler(before)
+    assert inductors and not any(k.startswith("triton_per_") for k in inductors), inductors
+    assert any(k.startswith("triton_per_") for k in ours), ours
     assert relative_error(compiled, eager) < 1e-2
 
 

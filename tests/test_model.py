@@ -203,11 +203,13 @@ def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan():
 
 def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
     """compile_blocks installs widen_persistent_reductions' heuristics for inductor: a row reduction (hint INNER) of up
-    to PERSISTENT_ROW_MAX elements is made persistent; a wider one, another kind or a cooperative one is left to
-    inductor's own rule; heuristics someone else installed are kept. (On a GPU, tests/test_gpu.py sees the kernels.)"""
+    to 4,096 elements is made persistent; a wider one, another kind, a cooperative one, or any where inductor's
+    persistent reductions are switched off is left to inductor's own rule; heuristics someone else installed are
+    kept. (On a GPU, tests/test_gpu.py sees the kernels.)"""
     from unittest import mock
 
     import sympy
+    from torch._inductor import config as inductor_config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
@@ -231,11 +233,13 @@ def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
         assert type(choices) is not InductorChoices
         with mock.patch.object(InductorChoices, "should_use_persistent_reduction", return_value="inductor's"):
             decide = choices.should_use_persistent_reduction
-            assert decide(Features(2304), False) is True and decide(Features(model_lib.PERSISTENT_ROW_MAX), False) is True
-            assert decide(Features(model_lib.PERSISTENT_ROW_MAX + 1), False) == "inductor's"
+            assert decide(Features(2304), False) is True and decide(Features(4096), False) is True
+            assert decide(Features(4097), False) == "inductor's"
             assert decide(Features(2304, ReductionHint.OUTER), False) == "inductor's"
             assert decide(Features(2304), True) == "inductor's"
             assert decide(Features(sympy.Symbol("s0")), False) == "inductor's"
+            with inductor_config.patch({"triton.persistent_reductions": False}):  # inductor's switch still rules
+                assert decide(Features(2304), False) == "inductor's"
     finally:
         V.set_choices_handler(before)
 
