@@ -211,6 +211,5 @@ def test_fp8_linear_layers_stay_close_to_bf16_compiled_and_eager():
             eager = m(x, t, text, mask).float()
         assert fused.call_count == 0
         compiled = m.compile_blocks()(x, t, text, mask).float()
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    assert 0 < rel(eager, bf16) < 0.15, rel(eager, bf16)  # a wrong scale would be off by ~1
-    assert rel(compiled, eager) < 0.05, rel(compiled, eager)
+    assert 0 < relative_error(eager, bf16) < 0.15, relative_error(eager, bf16)  # a wrong scale would be off by ~1
+    assert relative_error(compiled, eager) < 0.05, relative_error(compiled, eager)
