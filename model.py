@@ -133,9 +133,9 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def rope_3d(grid, head_dim, device, theta=10000.0, dtype=torch.float32):
-    """cos, sin [N, head_dim/2] (float32) for tokens on a (T, H, W) grid, frame-major. The head dim is split over
-    the three axes (time gets the remainder), each axis rotating its own pairs of channels; the angles are
-    computed in `dtype` (Wan: float64)."""
+    """RoPE's tables (rope_tables) for tokens on a (T, H, W) grid, frame-major. The head dim is split over the
+    three axes (time gets the remainder), each axis rotating its own pairs of channels; the angles are computed in
+    `dtype` (Wan: float64)."""
     T, H, W = grid
     d_hw = (head_dim // 3) // 2 * 2
     dims = (head_dim - 2 * d_hw, d_hw, d_hw)
@@ -146,14 +146,25 @@ def rope_3d(grid, head_dim, device, theta=10000.0, dtype=torch.float32):
         inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=device, dtype=dtype) / d)
         angles.append(pos[:, axis, None] * inv_freq[None])
     angles = torch.cat(angles, dim=-1)  # [N, head_dim/2]
-    return angles.cos().float(), angles.sin().float()
+    return rope_tables(angles.cos().float(), angles.sin().float())
+
+
+def rope_tables(cos, sin):
+    """cos, sin of each channel pair's angle [N, D / 2] -> the tables apply_rope reads, [N, D] in float32: cos
+    for both channels of a pair, sin signed (-, +) for its (first, second) channel."""
+    return cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, H, N, D]; rotates channel pairs (2i, 2i+1) by the token's angles."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+    """x: [B, N, H, D] (token-major, as the projections write it); cos, sin: rope_tables [N, D]. Rotates channel
+    pairs (2i, 2i+1) by the token's angles: (x1 cos - x2 sin, x2 cos + x1 sin), computed as x cos + (x with each
+    pair swapped) sin, which inductor compiles to contiguous loads (on one H200, osp12's q and k at 29 frames: 0.14
+    ms a layer, against 0.21 for the same sums taken as two strided halves). Token-major in and out: the kernel
+    reads and writes whole rows, and the attention kernel, whose output takes q's layout, hands the output
+    projection its input without a copy."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * cos[:, None] + swapped * sin[:, None]).type_as(x)
 
 
 class Attend(nn.Module):
@@ -175,8 +186,8 @@ class Attend(nn.Module):
         N = rope[0].shape[0]  # real tokens: the sequence-parallel shards may carry padding
         if sp_group is not None:  # my tokens x all heads -> all tokens x my heads, q, k, v in one exchange
             q, k, v = parallel.seq_to_heads(torch.stack([q, k, v], 2), sp_group)[:, :N].unbind(2)
-        q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (rearrange(x, "b n h d -> b h n d") for x in (q, k, v))  # views: the tensors stay token-major
         o = tile_attention(q, k, v, num_frames, entry_num_ref(self.plan_entry, num_frames), self.backend, block_mask)
         if self.observer is not None:
             self.observer(q, k, v, o, num_frames)
@@ -326,13 +337,15 @@ def widen_persistent_reductions():
     """Let inductor's Triton code keep a row reduction of up to PERSISTENT_ROW_MAX elements in registers (a
     "persistent" reduction) instead of looping over the row twice, once for its statistics and once to normalise:
     its limit is 1,024, below the blocks' hidden-width norms (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072
-    (5B) and 5,120 (14B: left as it is)). On one H200 the osp12 forward at 29 frames under a ~55% plan spent 42.0 ->
-    35.3 ms in kernels outside attention and matmuls with it (BENCHMARKS.md). Row reductions only (inductor's hint
-    INNER): its DEFAULT-hinted ones too sped up one more osp12 norm (9.4 -> 5.4 ms) and slowed Wan's q/k RMSNorm +
-    RoPE kernel about as much (10.9 -> 14.7 ms). Off where inductor's persistent reductions are (its config switch).
-    Installed through inductor's seam for its heuristics (V.set_choices_handler: for this thread, from the next
-    compilation on); heuristics someone else installed are left alone. Inductor's graph cache does not key on it: a
-    block cached before runs as it was compiled."""
+    (5B) and 5,120 (14B: left as it is)). Reductions inductor hints INNER (rows) and DEFAULT (its hint when some
+    read or write of the kernel is not contiguous: the cross-attention's input norm, which reads the gate as a
+    broadcast); not OUTER (columns). On one H200, osp12's forward at 29 frames under a ~55% plan spent 42.0 -> 35.3
+    ms in kernels outside attention and matmuls with INNER alone, then 33.3 -> 29.5 ms with DEFAULT too (with RoPE
+    token-major: apply_rope; before it, DEFAULT slowed Wan's q/k RMSNorm + RoPE kernel, which wrote heads-first;
+    BENCHMARKS.md). Off where inductor's persistent reductions are (its config switch). Installed through
+    inductor's seam for its heuristics (V.set_choices_handler: for this thread, from the next compilation on);
+    heuristics someone else installed are left alone. Inductor's graph cache does not key on it: a block cached
+    before runs as it was compiled."""
     from torch._inductor import config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
@@ -343,7 +356,7 @@ def widen_persistent_reductions():
         def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
             n = features.reduction_numel
             if (config.triton.persistent_reductions and not cooperative_reduction
-                    and features.get_reduction_hint() == ReductionHint.INNER
+                    and features.get_reduction_hint() in (ReductionHint.INNER, ReductionHint.DEFAULT)
                     and getattr(n, "is_number", False) and int(n) <= PERSISTENT_ROW_MAX):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)

@@ -33,7 +33,7 @@ from attention import FULL, expand_plan, save_plan
 from cli import UserError, atomic_output, entry_point
 from flow import euler_sampler, time_grid
 from model import (PRESETS, TIME_FEATURES, WAN, Attend, DiT, ModelConfig, config_dict, load_safetensors, model_config,
-                   model_from_weights)
+                   model_from_weights, rope_tables)
 
 CLASS = "WanTransformer3DModel"
 DIFFUSERS_VERSION = "0.42.1"  # the version our conversion is tested against (requirements.txt)
@@ -354,7 +354,7 @@ class TileAttnProcessor:
         q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (attn.norm_q(q), attn.norm_k(k), v))  # [B, N, H, Dh]
         cos, sin = (r[0, :, 0, 0::2] for r in rotary_emb)  # [1, N, 1, Dh], each pair's angle twice -> [N, Dh/2]
-        o, _ = self.attention.attend(q, k, v, (cos, sin), self.frames["num_frames"])
+        o, _ = self.attention.attend(q, k, v, rope_tables(cos, sin), self.frames["num_frames"])
         return attn.to_out[1](attn.to_out[0](o.type_as(q)))
 
 

@@ -63,8 +63,8 @@ def test_rope_scores_depend_on_relative_position_only():
     q, k = torch.randn(24), torch.randn(24)
     grid = torch.arange(60).view(3, 4, 5)
     def score(i, j):
-        qi = apply_rope(q.expand(1, 1, 60, 24), cos, sin)[0, 0, i]
-        kj = apply_rope(k.expand(1, 1, 60, 24), cos, sin)[0, 0, j]
+        qi = apply_rope(q.expand(1, 60, 1, 24), cos, sin)[0, i, 0]
+        kj = apply_rope(k.expand(1, 60, 1, 24), cos, sin)[0, j, 0]
         return (qi * kj).sum()
     # the same (dt, dh, dw) offset from two different places gives the same score
     assert score(grid[0, 0, 0], grid[1, 2, 3]) == pytest.approx(score(grid[1, 1, 1], grid[2, 3, 4]).item(), abs=1e-4)
@@ -202,10 +202,10 @@ def test_compiled_blocks_compile_every_mask_entry_of_a_long_plan():
 
 
 def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
-    """compile_blocks installs widen_persistent_reductions' heuristics for inductor: a row reduction (hint INNER) of up
-    to 4,096 elements is made persistent; a wider one, another kind, a cooperative one, or any where inductor's
-    persistent reductions are switched off is left to inductor's own rule; heuristics someone else installed are
-    kept. (On a GPU, tests/test_gpu.py sees the kernels.)"""
+    """compile_blocks installs widen_persistent_reductions' heuristics for inductor: a row reduction (hint INNER or
+    DEFAULT) of up to 4,096 elements is made persistent; a wider one, a column one (OUTER), a cooperative one, or
+    any where inductor's persistent reductions are switched off is left to inductor's own rule; heuristics someone
+    else installed are kept. (On a GPU, tests/test_gpu.py sees the kernels.)"""
     from unittest import mock
 
     import sympy
@@ -236,6 +236,8 @@ def test_compiled_blocks_keep_norm_rows_up_to_4096_wide_in_registers():
             assert decide(Features(2304), False) is True and decide(Features(4096), False) is True
             assert decide(Features(4097), False) == "inductor's"
             assert decide(Features(2304, ReductionHint.OUTER), False) == "inductor's"
+            assert decide(Features(2304, ReductionHint.OUTER_TINY), False) == "inductor's"
+            assert decide(Features(2304, ReductionHint.DEFAULT), False) is True
             assert decide(Features(2304), True) == "inductor's"
             assert decide(Features(sympy.Symbol("s0")), False) == "inductor's"
             with inductor_config.patch({"triton.persistent_reductions": False}):  # inductor's switch still rules
