@@ -628,12 +628,13 @@ def train_flops(stage: int, cfg, latents: list, text_len: int, plan, checkpointi
     (3 forwards) under its plan, plus the frozen models' forwards the objective runs: stage 1's teacher with
     guidance (2) and target (1), stage 3's full-attention teacher (1). hardware (HFU): model, plus what activation
     checkpointing (a model.CHECKPOINT_POLICIES key, or None) recomputes: the blocks' forward, without their
-    attention kernels under save_attention."""
+    attention kernels under save_attention, none of their matmuls under save_matmuls (HFU = MFU)."""
     student = forward_flops(cfg, latents, text_len, plan)
     full = student if plan == ["full"] else forward_flops(cfg, latents, text_len, ["full"])
     frozen = {0: 0.0, 1: 3 * full["total"], 3: full["total"]}[stage]
     model = 3 * student["total"] + frozen
-    recomputed = {None: 0.0, "full": student["blocks"], "save_attention": student["blocks"] - student["attention"]}
+    recomputed = {None: 0.0, "full": student["blocks"], "save_attention": student["blocks"] - student["attention"],
+                  "save_matmuls": 0.0}
     return {"model": model, "hardware": model + recomputed[checkpointing]}
 
 

@@ -100,8 +100,9 @@ class TrainConfig:
     compile: bool = True                 # torch.compile the model's blocks (GPU only)
     attn_backend: str = ""               # "auto", "flash", "gather", "merge"; empty: init's own, else auto
     activation_checkpointing: bool = False  # recompute each block in the backward instead of keeping it
-    checkpoint_policy: str = "full"      # what it keeps: "full" (each block's input) or "save_attention"
-                                         # (also the attention outputs: their forward runs once; model.py)
+    checkpoint_policy: str = "full"      # what it keeps: "full" (each block's input), "save_attention" (also
+                                         # the attention outputs: their forward runs once) or "save_matmuls"
+                                         # (also every matmul's output); model.CHECKPOINT_POLICIES
     bf16: bool = True                    # bf16 autocast (GPU only)
     device: str = ""                     # empty: cuda if available
     sample_steps: int = 50               # the sampler a stage-0 checkpoint carries for sample.py

@@ -132,7 +132,7 @@ def test_train_flops_accounts_for_each_stage_as_a_real_step_runs(tmp_path):
     frozen forwards of its objective) against train_flops: the same ratio for every stage (the counter counts a
     few ops train_flops leaves out, the text encoding of the step's captions among them), and the recompute of
     activation checkpointing in HFU alone: the blocks' forward under "full", without the attention kernels under
-    "save_attention"."""
+    "save_attention", nothing under "save_matmuls"."""
     import train
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -144,7 +144,8 @@ def test_train_flops_accounts_for_each_stage_as_a_real_step_runs(tmp_path):
     (tmp_path / "plan.yaml").write_text("plan: [1]\n")
     ratios = {}
     model_args = json.dumps({"depth": cfg.depth, "hidden": cfg.hidden, "heads": cfg.heads, "text_dim": cfg.text_dim})
-    for stage, policy in [(0, None), (1, None), (3, None), (0, "full"), (0, "save_attention")]:
+    for stage, policy in [(0, None), (1, None), (3, None), (0, "full"), (0, "save_attention"),
+                          (0, "save_matmuls")]:
         run = train.load_config(os.path.join(ROOT, "configs", f"stage{stage}.yaml"), [
             f"run_dir={tmp_path / f'{stage}-{policy}'}", "model=osp12", f"model_args={model_args}",
             "data=synthetic", f"synthetic_shape={shape}", "batch_size=1", "steps=1", "save=false",

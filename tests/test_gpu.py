@@ -117,11 +117,11 @@ def test_forward_tiles_and_rewrites_on_fa4_equal_sdpa_with_dense_mask(T, S, k, h
 
 @needs_fa4
 def test_checkpoint_policies_in_a_compiled_model_on_fa4_give_the_same_gradients():
-    """Activation checkpointing inside the compiled blocks, full and save_attention (FA4's outputs kept), against
+    """Activation checkpointing inside the compiled blocks under each policy (FA4's outputs kept by two), against
     no checkpointing: the same output and block gradients (the same kernels: to 1%)."""
     plan = [1, "full", 2]
     plain = model_step(plan, "flash", compiled=True)
-    for policy in ("full", "save_attention"):
+    for policy in ("full", "save_attention", "save_matmuls"):
         out, grads = model_step(plan, "flash", compiled=True, policy=policy)
         assert relative_error(out, plain[0]) < 1e-2, (policy, relative_error(out, plain[0]))
         assert relative_error(grads, plain[1]) < 1e-2, (policy, relative_error(grads, plain[1]))

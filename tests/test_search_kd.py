@@ -138,7 +138,7 @@ def test_recording_from_compiled_checkpointed_blocks_compiles_once_and_keeps_gra
     the checkpoint's graph, and made dynamo guard on the list's length, compiling the block once per layer until
     its recompile limit (8) left the deeper layers eager. Here, 10 layers: one graph per mask entry and grad mode
     (the student's two entries, the teacher's full attention), no graph break, each layer recorded once, and the
-    eager model's loss and gradients under both policies (dynamo with eager kernels: a CPU runs no compiled
+    eager model's loss and gradients under each policy (dynamo with eager kernels: a CPU runs no compiled
     backward of these)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -163,7 +163,7 @@ def test_recording_from_compiled_checkpointed_blocks_compiles_once_and_keeps_gra
         return loss.detach(), len(recorder.outputs), [p.grad.clone() for p in m.blocks.parameters()]
 
     reference = step()
-    for policy in ("full", "save_attention"):
+    for policy in ("full", "save_attention", "save_matmuls"):
         torch._dynamo.reset()
         counters.clear()
         m.set_checkpointing(policy)

@@ -331,8 +331,8 @@ def test_micro_batches_give_the_same_step(tmp_path):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage):
     """Per-block activation checkpointing recomputes the same numbers (stage 3: with the layer-wise KD term), under
-    either policy: "full" runs every attention kernel's forward again in the backward, "save_attention" never does
-    (counted at the dispatcher, where a kept output is not recomputed)."""
+    every policy: "full" runs every attention kernel's forward again in the backward, "save_attention" never does,
+    "save_matmuls" runs no matmul twice either (counted at the dispatcher, where a kept output is not recomputed)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import model
@@ -340,10 +340,11 @@ def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage):
     class CountAttention(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls = 0
+            self.calls, self.matmuls = 0, 0
 
         def __torch_dispatch__(self, op, types, args=(), kwargs=None):
             self.calls += op in model._attention_ops()
+            self.matmuls += op in model._attention_and_matmul_ops() and op not in model._attention_ops()
             return op(*args, **(kwargs or {}))
 
     extra = [] if stage == 0 else [
@@ -351,21 +352,23 @@ def test_activation_checkpointing_changes_no_loss_or_gradient(tmp_path, stage):
         "plan=" + str(tmp_path / "plan.yaml"), "num_frames=4", "size=16"]
     (tmp_path / "plan.yaml").write_text("plan: [1, 2]\n")
     config = os.path.join(ROOT, "configs", f"stage{stage}.yaml")
-    runs, calls = {}, {}
-    for ac, policy in (("false", "full"), ("true", "full"), ("true", "save_attention")):
+    runs, calls, matmuls = {}, {}, {}
+    for ac, policy in (("false", "full"), ("true", "full"), ("true", "save_attention"), ("true", "save_matmuls")):
         cfg = train.load_config(config, [f"run_dir={tmp_path / ac / policy}", "batch_size=4", "steps=3",
                                          "log_every=1", "ckpt_every=3", "warmup=1", "compile=false",
                                          f"activation_checkpointing={ac}", f"checkpoint_policy={policy}",
                                          *([] if stage else ["model=tiny"]), *extra])
         with CountAttention() as counter:
             runs[ac, policy] = train.train(cfg)
-        calls[ac, policy] = counter.calls
+        calls[ac, policy], matmuls[ac, policy] = counter.calls, counter.matmuls
     assert calls["true", "full"] > calls["false", "full"] == calls["true", "save_attention"] > 0, calls
-    for run in (runs["true", "full"], runs["true", "save_attention"]):
+    assert calls["true", "save_matmuls"] == calls["false", "full"], calls
+    assert matmuls["true", "save_attention"] > matmuls["false", "full"] == matmuls["true", "save_matmuls"] > 0, matmuls
+    for run in (runs["true", "full"], runs["true", "save_attention"], runs["true", "save_matmuls"]):
         for a, b in zip(runs["false", "full"], run, strict=True):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6, abs=1e-7)
-    with pytest.raises(train.UserError, match="checkpoint_policy must be one of full, save_attention"):
+    with pytest.raises(train.UserError, match="checkpoint_policy must be one of full, save_attention, save_matmuls"):
         train.load_config(config, ["checkpoint_policy=most"])
 
 
