@@ -280,7 +280,7 @@ def _keeper(ops):
 # the attention forward runs once and only the cheap rest (norms, modulation, RoPE, projections, MLP) is recomputed
 # (osp12 at 29 frames: 4.8 GiB more than full; fits an 80 GB card);
 # save_matmuls: also every matmul's output, so only what runs between them (norms, modulation, RoPE, GELU, gates)
-# is recomputed: no FLOP counted twice, for ~1.5 GiB more per osp12 layer at 29 frames (a 141 GB card's policy).
+# is recomputed: no FLOP counted twice, for ~1.3 GiB more per osp12 layer at 29 frames (a 141 GB card's policy).
 CHECKPOINT_POLICIES = {"full": None, "save_attention": _keeper(_attention_ops),
                        "save_matmuls": _keeper(_attention_and_matmul_ops)}
 
