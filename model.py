@@ -150,8 +150,8 @@ def rope_3d(grid, head_dim, device, theta=10000.0, dtype=torch.float32):
 
 
 def rope_tables(cos, sin):
-    """cos, sin of each channel pair's angle [N, D / 2] -> the tables apply_rope reads, [N, D] in float32: cos
-    for both channels of a pair, sin signed (-, +) for its (first, second) channel."""
+    """cos, sin of each channel pair's angle [N, D / 2] -> the tables apply_rope reads, [N, D] (in their dtype:
+    float32 from rope_3d): cos for both channels of a pair, sin signed (-, +) for its (first, second) channel."""
     return cos.repeat_interleave(2, -1), torch.stack([-sin, sin], -1).flatten(-2)
 
 
@@ -348,16 +348,17 @@ PERSISTENT_ROW_MAX = 4096  # the widest row reduction compiled blocks keep in re
 def widen_persistent_reductions():
     """Let inductor's Triton code keep a row reduction of up to PERSISTENT_ROW_MAX elements in registers (a
     "persistent" reduction) instead of looping over the row twice, once for its statistics and once to normalise:
-    its limit is 1,024, below the blocks' hidden-width norms (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072
-    (5B) and 5,120 (14B: left as it is)). Reductions inductor hints INNER (rows) and DEFAULT (its hint when some
-    read or write of the kernel is not contiguous: the cross-attention's input norm, which reads the gate as a
-    broadcast); not OUTER (columns). On one H200, osp12's forward at 29 frames under a ~55% plan spent 42.0 -> 35.3
-    ms in kernels outside attention and matmuls with INNER alone, then 33.3 -> 29.5 ms with DEFAULT too (with RoPE
-    token-major: apply_rope; before it, DEFAULT slowed Wan's q/k RMSNorm + RoPE kernel, which wrote heads-first;
-    BENCHMARKS.md). Off where inductor's persistent reductions are (its config switch). Installed through
-    inductor's seam for its heuristics (V.set_choices_handler: for this thread, from the next compilation on);
-    heuristics someone else installed are left alone. Inductor's graph cache does not key on it: a block cached
-    before runs as it was compiled."""
+    its own limit is 1,024 for reductions it hints INNER and 64 for the rest, below the blocks' hidden-width norms
+    (osp12's rows are 2,304 wide; Wan's 1,536 (1.3B), 3,072 (5B) and 5,120 (14B: left as it is)). Widened for the
+    hints INNER and DEFAULT, not OUTER (columns). DEFAULT is inductor's hint for a reduction over many rows (64 or
+    more per SM: every norm of a video's tokens) that its coalescing scores did not make INNER; among the blocks'
+    norms that is the cross-attention's input norm, which reads the gate as a broadcast. On one H200, osp12's
+    forward at 29 frames under a ~55% plan spent 42.0 -> 35.3 ms in kernels outside attention and matmuls with
+    INNER alone, then 33.3 -> 29.7 ms with DEFAULT too (RoPE token-major in both: apply_rope; BENCHMARKS.md). Off
+    where inductor's persistent reductions are (its config switch). Installed through inductor's seam for its
+    heuristics (V.set_choices_handler: for this thread, from the next compilation on); heuristics someone else
+    installed are left alone. Inductor's graph cache does not key on it: a block cached before runs as it was
+    compiled."""
     from torch._inductor import config
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint

@@ -151,12 +151,15 @@ def test_compiled_blocks_run_their_norms_as_persistent_reductions():
     """At osp12's width (2,304) inductor's own rule loops over each norm's row twice (`triton_red_` kernels, the
     control: compile_blocks leaves heuristics someone else installed, here inductor's own); under compile_blocks'
     rule (model.widen_persistent_reductions) every LayerNorm + modulation kernel keeps the row in registers
-    (`triton_per_` kernels: the cross-attention's input norm, hinted DEFAULT, too), and the compiled model equals the
-    eager one. Each compilation starts from an empty inductor cache."""
+    (`triton_per_` kernels), and the compiled model equals the eager one. 9,216 tokens: at 64 rows or more per SM
+    inductor hints its norms DEFAULT unless its coalescing scores make them INNER, and the cross-attention's input
+    norm stays DEFAULT, so the rule for INNER alone (a second control) leaves a norm looped. Each compilation starts
+    from an empty inductor cache."""
     import re
 
     from torch._inductor import utils
     from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
     from model import DiT, model_config
     fresh_cache = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
@@ -166,9 +169,17 @@ def test_compiled_blocks_run_their_norms_as_persistent_reductions():
         torch.nn.init.normal_(p, std=0.02)
     m = m.cuda().to(torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(1, 4, 2, 16, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = torch.randn(1, 4, 4, 96, 96, device="cuda", dtype=torch.bfloat16, generator=g)
     t, text = torch.full((1,), 0.5, device="cuda"), torch.randn(1, 8, 32, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(1, 8, dtype=torch.bool, device="cuda")
+
+    class InnerOnly(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
+            if (features.get_reduction_hint() == ReductionHint.INNER and not cooperative_reduction
+                    and int(features.reduction_numel) <= 4096):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)
 
     def compiled_with(choices):
         V.set_choices_handler(choices)
@@ -183,10 +194,12 @@ def test_compiled_blocks_run_their_norms_as_persistent_reductions():
         with torch.no_grad():
             eager = m(x, t, text, mask)
         _, inductors = compiled_with(type("Theirs", (InductorChoices,), {})())
+        _, inner_only = compiled_with(InnerOnly())
         compiled, ours = compiled_with(InductorChoices())
     finally:
         V.set_choices_handler(before)
     assert inductors and not any(k.startswith("triton_per_") for k in inductors), inductors
+    assert any(k.startswith("triton_red_") for k in inner_only), inner_only
     assert ours and all(k.startswith("triton_per_") for k in ours), ours
     assert relative_error(compiled, eager) < 1e-2
 

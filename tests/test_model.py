@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import model as model_lib
 from conftest import tiny_model
 from attention import tile_dense_mask
-from model import DiT, apply_rope, load_model, model_config, rope_3d, save_model
+from model import DiT, apply_rope, load_model, model_config, rope_3d, rope_tables, save_model
 
 
 tiny = tiny_model
@@ -56,6 +56,22 @@ def test_sparse_plan_changes_the_output():
         m.set_mask_plan([1])
         sparse = m(x, t, ids, mask)
     assert (full - sparse).abs().max().item() > 1e-3
+
+
+def test_rope_rotates_each_channel_pair_by_its_angle():
+    """apply_rope against the rotation written out: channel pair (2i, 2i+1) of token n becomes
+    (x1 cos - x2 sin, x1 sin + x2 cos) at the pair's angle, for every head, in any head layout."""
+    g = torch.Generator().manual_seed(0)
+    N, H, D = 6, 3, 8
+    angles = torch.rand(N, D // 2, generator=g) * 6.3
+    x = torch.randn(2, N, H, D, generator=g)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    expected = torch.empty_like(x)
+    expected[..., 0::2], expected[..., 1::2] = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    torch.testing.assert_close(apply_rope(x, *rope_tables(angles.cos(), angles.sin())), expected)
+    heads_first = x.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, another memory layout
+    torch.testing.assert_close(apply_rope(heads_first, *rope_tables(angles.cos(), angles.sin())), expected)
 
 
 def test_rope_scores_depend_on_relative_position_only():
