@@ -176,8 +176,9 @@ def test_compiled_blocks_run_their_norms_as_persistent_reductions():
     class InnerOnly(InductorChoices):
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
+            n = features.reduction_numel
             if (features.get_reduction_hint() == ReductionHint.INNER and not cooperative_reduction
-                    and int(features.reduction_numel) <= 4096):
+                    and getattr(n, "is_number", False) and int(n) <= 4096):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs)
 
